@@ -1,0 +1,208 @@
+"""Offline tests of hw5_dl on synthetic data written in medmnist's npz format."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from sklearn import metrics as skm
+from torch import nn
+
+import hw5_dl as H
+
+OUTPUT_FILES = ["part1_samples.png", "part1_class_distribution.png", "part1_augmentation.png",
+                "part2_training_curves.png", "part3_training_curves.png",
+                "part3_model_comparison.png", "part3_model_comparison.md",
+                "part4_confusion_matrix.png", "part4_roc_pr.png", "part4_error_analysis.png",
+                "part5_filters.png", "part5_gradcam.png", "metrics.json"]
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    """The synthetic splits loaded through medmnist, as the script loads the real ones."""
+    return H.load_data(H.Config(data_dir=str(data_dir), batch_size=64), torch.device("cpu"))
+
+
+def test_loads_through_medmnist_from_local_root(data, data_dir):
+    import medmnist
+    ds = medmnist.PneumoniaMNIST(split="val", root=str(data_dir))
+    assert data.x["val"].shape == (len(ds.imgs), 1, 28, 28)
+    assert data.y["val"].shape == (len(ds.imgs),)                    # (N, 1) squeezed
+    assert torch.equal(data.y["val"], torch.from_numpy(ds.labels[:, 0]).float())
+    assert 0 <= data.x["train"].min() and data.x["train"].max() <= 1
+    assert data.class_names == ["normal", "pneumonia"]
+    n_pos = data.y["train"].sum().item()
+    assert data.pos_weight == pytest.approx((len(data.y["train"]) - n_pos) / n_pos)
+    xb, yb = next(iter(data.loaders["train"]))
+    assert xb.shape == (64, 1, 28, 28) and yb.shape == (64,)
+    assert sum(len(y) for _, y in data.loaders["test"]) == len(data.y["test"])
+
+
+def test_augmentation_draws_differ_per_image_and_stay_in_range(data):
+    torch.manual_seed(0)
+    same = data.x["train"][:1].repeat(16, 1, 1, 1)
+    out = H.augment(same, H.Config())
+    assert out.shape == same.shape
+    assert out.min() >= 0 and out.max() <= 1
+    flat = out.flatten(1)
+    distances = torch.cdist(flat, flat)[~torch.eye(16, dtype=bool)]
+    assert distances.min() > 1e-3                 # every pair of draws differs
+
+
+def test_augmentation_identity_when_disabled(data):
+    cfg = H.Config(flip_prob=0, max_rotation_deg=0, brightness=0, contrast=0)
+    x = data.x["train"][:8]
+    assert torch.allclose(H.augment(x, cfg), x, atol=1e-5)
+
+
+def test_model_output_shapes():
+    x = torch.rand(4, 1, 28, 28)
+    assert H.SimpleCNN()(x).shape == (4, 1)
+    assert H.build_resnet18().eval()(x).shape == (4, 1)
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in H.SimpleCNN().modules())
+    n_fc = sum(isinstance(m, nn.Linear) for m in H.SimpleCNN().modules())
+    assert 2 <= n_conv <= 3 and 1 <= n_fc <= 2   # the rubric's architecture
+
+
+def test_gray_conv1_matches_rgb_copy():
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet18().conv1
+    gray = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(H.gray_conv1(rgb)(gray), rgb(gray.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_pretrained_weights_are_loaded(resnet18_state_path):
+    state, reason = H.load_imagenet_weights(H.Config(pretrained_weights=str(resnet18_state_path)))
+    assert reason is None
+    model = H.build_resnet18(state)
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert torch.equal(model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+
+
+def test_freezing_leaves_only_classifier_trainable():
+    model = H.build_resnet18()
+    H.set_trainable(model, head_only=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+    H.set_trainable(model, head_only=False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_early_stopping_stops_and_restores_best_weights():
+    model = nn.Linear(2, 1)
+    stopper = H.EarlyStopping(patience=2)
+    stopped_at = None
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.6, 0.4], 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)                 # the weights of epoch k are all k
+        if stopper.step(loss, model, epoch):
+            stopped_at = epoch
+            break
+    assert stopped_at == 4 and stopper.best_epoch == 2
+    stopper.restore(model)
+    assert torch.all(model.weight == 2)
+
+
+def test_fit_restores_weights_of_best_validation_epoch(data):
+    torch.manual_seed(0)
+    model = H.SimpleCNN()
+    cfg = H.Config(patience=2)
+    history, best = H.fit(model, data, cfg, [H.Stage("train", 4, 3e-3)], "test")
+    probs, labels = H.predict(model, data.loaders["val"], data)
+    best_row = history[best - 1]
+    assert min(h["val_loss"] for h in history) == best_row["val_loss"]
+    assert H.weighted_bce(probs, labels, data.pos_weight) == pytest.approx(best_row["val_loss"], abs=1e-5)
+    assert best_row["val_auc"] > 0.8                 # the synthetic signal is learnable
+
+
+def test_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
+    m = H.binary_metrics(labels, probs, 0.5)
+    pred = probs >= 0.5
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(labels, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(labels, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(labels, pred, pos_label=0))
+    assert m["f1"] == pytest.approx(skm.f1_score(labels, pred))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert m["ap"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert m["tp"] + m["fn"] == labels.sum()
+
+
+def test_screening_threshold_reaches_recall_on_validation():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.4 + rng.random(300) * 0.6, 0, 1)
+    t = H.screening_threshold(labels, probs, 0.95)
+    assert skm.recall_score(labels, probs >= t) >= 0.95
+    higher = probs[probs > t].min()                  # the next threshold up misses the target
+    assert skm.recall_score(labels, probs >= higher) < 0.95
+
+
+def test_gradcam_map_is_not_constant(data):
+    torch.manual_seed(0)
+    for name, model in [("simple_cnn", H.SimpleCNN()), ("resnet18_scratch", H.build_resnet18())]:
+        H.fit(model, data, H.Config(), [H.Stage("train", 2, 3e-3)], name)
+        maps = H.gradcam_maps(name, model, data.x["test"][:4], data)
+        assert maps.shape == (4, 28, 28)
+        assert max(m.std() for m in maps) > 0.01, name
+
+
+def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path, monkeypatch, capsys):
+    torch_home = tmp_path / "torch"                   # where torchvision's cache looks
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(resnet18_state_path, torch_home / "hub" / "checkpoints")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    out = tmp_path / "out"
+    assert H.main(["--quick", "--data-dir", str(data_dir), "--outputs", str(out), "--device", "cpu"]) == 0
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "pneumoniamnist" and m["size"] == 28 and m["quick"] is True
+    assert m["device"] == "cpu" and m["seed"] == 0 and m["total_seconds"] > 0
+    assert m["best_model"] in m["models"]
+    for name in ("simple_cnn", "resnet18_scratch", "resnet18_pretrained"):
+        r = m["models"][name]
+        assert r["status"] == "trained" and r["params"] > 0 and r["epochs_trained"] >= 1
+        assert r["train_seconds"] > 0 and set(r["val"]) >= {"accuracy", "auc"}
+        assert set(r["test"]) >= {"accuracy", "auc", "precision", "recall", "specificity", "f1", "ap"}
+    assert [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]] == ["frozen", "unfrozen"]
+    assert "ResNet18 (pretrained)" in (out / "part3_model_comparison.md").read_text()
+
+
+def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    out = tmp_path / "out"
+    assert H.main(["--quick", "--epochs", "1", "--data-dir", str(data_dir), "--outputs", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    skipped = m["models"]["resnet18_pretrained"]
+    assert skipped["status"] == "skipped" and skipped["reason"].startswith("not run:")
+    assert m["best_model"] != "resnet18_pretrained"
+    assert "not run:" in (out / "part3_model_comparison.md").read_text()
+    assert all((out / name).exists() for name in OUTPUT_FILES)
+
+
+def test_missing_data_offline_exits_2_with_message(tmp_path, offline, capsys):
+    code = H.main(["--quick", "--data-dir", str(tmp_path / "nodata"), "--outputs", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pneumoniamnist.npz" in err and "--data-dir" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path, data_dir, capsys):
+    missing = "cuda" if not torch.cuda.is_available() else "mps"
+    if missing == "mps" and torch.backends.mps.is_available():
+        pytest.skip("both CUDA and MPS are available here")
+    code = H.main(["--device", missing, "--data-dir", str(data_dir), "--outputs", str(tmp_path)])
+    assert code == 2 and f"--device {missing}" in capsys.readouterr().err
+
+
+def test_impossible_numbers_are_rejected_by_argparse():
+    for argv in (["--epochs", "0"], ["--batch-size", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            H.parse_args(argv)
+        assert exc.value.code == 2
