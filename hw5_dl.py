@@ -32,7 +32,8 @@ import torchvision
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, SequentialSampler,
+                              TensorDataset)
 from tqdm import tqdm
 
 DATASET = "pneumoniamnist"
@@ -297,7 +298,8 @@ def plot_augmentation(data, cfg, path, n_images=4, n_draws=5):
     fig = Figure(figsize=(1.4 * (n_draws + 1), 1.5 * n_images))
     axes = fig.subplots(n_images, n_draws + 1)
     images = data.x["train"][:n_images]
-    draws = augment(images.repeat_interleave(n_draws, 0), cfg).view(n_images, n_draws, *images.shape[1:])
+    draws = augment(images.repeat_interleave(n_draws, 0), cfg)
+    draws = draws.view(n_images, n_draws, *images.shape[1:])
     for i, row in enumerate(axes):
         show_image(row[0], images[i].cpu(), "original" if i == 0 else None)
         for j, ax in enumerate(row[1:]):
@@ -439,7 +441,9 @@ def fit(model, data, cfg, stages, label):
     Each stage has its own AdamW optimiser and one-cycle schedule over the trainable parameters;
     the early-stopping counter restarts per stage, but the best weights are tracked across all.
     """
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight, device=data.y["train"].device))
+    # Class imbalance (see 1.2): pneumonia's weight n_normal/n_pneumonia balances the classes.
+    pos_weight = torch.tensor(data.pos_weight, device=data.y["train"].device)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     stopper, history = EarlyStopping(cfg.patience), []
     for stage in stages:
         set_trainable(model, stage.head_only)
@@ -468,19 +472,21 @@ def fit(model, data, cfg, stages, label):
     return history, stopper.best_epoch
 
 
-def plot_training_curves(histories, path, title):
+def plot_training_curves(results, path, title):
     """2.3/3.2: loss and accuracy, train vs val, per model; best epoch and stage changes marked."""
-    fig = Figure(figsize=(11, 3.4 * len(histories)), layout="constrained")
-    axes = fig.subplots(len(histories), 2, squeeze=False)
-    for row, (name, (history, best_epoch)) in zip(axes, histories.items()):
+    fig = Figure(figsize=(11, 3.4 * len(results)), layout="constrained")
+    axes = fig.subplots(len(results), 2, squeeze=False)
+    for row, (name, result) in zip(axes, results.items()):
+        history, best_epoch = result["history"], result["best_epoch"]
         epochs = [h["epoch"] for h in history]
         for ax, metric in zip(row, ("loss", "acc")):
             ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train")
             ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", ms=3, label="val")
             ax.axvline(best_epoch, color="gray", ls="--", lw=1, label=f"best epoch ({best_epoch})")
-            changes = [h["epoch"] - 0.5 for a, h in zip(history, history[1:]) if a["stage"] != h["stage"]]
-            for x in changes:
-                ax.axvline(x, color="tab:red", ls=":", lw=1.5, label="unfreeze (stage 2)")
+            for prev, h in zip(history, history[1:]):
+                if prev["stage"] != h["stage"]:
+                    ax.axvline(h["epoch"] - 0.5, color="tab:red", ls=":", lw=1.5,
+                               label=f"stage 2 ({h['stage']}) from here")
             ax.set_xlabel("epoch")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel("accuracy" if metric == "acc" else "weighted BCE loss")
@@ -551,7 +557,7 @@ def load_imagenet_weights(cfg):
             torchvision.models.resnet18().load_state_dict(state)
         except Exception as err:
             raise UserError(f"--pretrained-weights {path} is not a torchvision ResNet18 state "
-                            f"dict ({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+                            f"dict ({type(err).__name__}: {str(err)[:200]}).") from None
         return state, None
     try:
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -562,7 +568,7 @@ def load_imagenet_weights(cfg):
                       f"put resnet18-f37072fd.pth in {cache} or pass --pretrained-weights PATH")
 
 
-def time_stems(device, batch=64, steps=2):
+def time_stems(device, batch=64, steps=4):
     """3.1: training images/s of ResNet18 at 28x28 with our stem and two alternatives."""
     def stem(conv, pool):
         model = build_resnet18()
@@ -609,8 +615,8 @@ COMPARISON_HEADER = ["Model", "Test Accuracy", "Test AUC", "Precision", "Recall"
 def write_comparison(results, md_path, png_path):
     """3.3: the comparison table as markdown and as a PNG; returns the markdown."""
     rows = comparison_rows(results)
-    md = "\n".join(["| " + " | ".join(COMPARISON_HEADER) + " |", "|" + "---|" * len(COMPARISON_HEADER)]
-                   + ["| " + " | ".join(row) + " |" for row in rows])
+    md = "\n".join("| " + " | ".join(row) + " |" for row in
+                   [COMPARISON_HEADER, ["---"] * len(COMPARISON_HEADER), *rows])
     md += "\n\nTest metrics at threshold 0.5. Val AUC chooses the best model (Part 4).\n"
     write_text(md_path, md)
     notes = [f"{row[0]}: {row[1]}" for row in rows if row[1].startswith("not run")]
@@ -657,7 +663,7 @@ def write_comparison(results, md_path, png_path):
 #                              Part 4: evaluation of the best model
 # =============================================================================================
 def binary_metrics(labels, probs, threshold=0.5):
-    """4.1: accuracy, precision, recall (sensitivity), specificity, F1, AUC and AP at a threshold."""
+    """4.1: accuracy, precision, recall (sensitivity), specificity, F1, AUC, AP at a threshold."""
     pred = (probs >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
     return dict(accuracy=skm.accuracy_score(labels, pred),
@@ -694,7 +700,8 @@ def plot_roc_pr(labels, probs, thresholds, path, title):
     skm.RocCurveDisplay.from_predictions(labels, probs, ax=ax_roc, name="test")
     skm.PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax_pr, name="test")
     ax_roc.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
-    ax_pr.axhline(labels.mean(), color="gray", ls=":", lw=1, label=f"prevalence {labels.mean():.2f}")
+    prevalence = labels.mean()
+    ax_pr.axhline(prevalence, color="gray", ls=":", lw=1, label=f"prevalence {prevalence:.2f}")
     markers = iter("osD^vPX*")
     for name, t in thresholds.items():
         m = binary_metrics(labels, probs, t)
@@ -716,7 +723,8 @@ def confidence_groups(labels, probs, threshold=0.5):
     conf = np.where(pred, probs, 1 - probs)
     groups = {"true positive": pred & (labels == 1), "true negative": ~pred & (labels == 0),
               "false positive": pred & (labels == 0), "false negative": ~pred & (labels == 1)}
-    return {k: np.flatnonzero(mask)[np.argsort(-conf[mask], kind="stable")] for k, mask in groups.items()}
+    return {k: np.flatnonzero(mask)[np.argsort(-conf[mask], kind="stable")]
+            for k, mask in groups.items()}
 
 
 def plot_error_analysis(images, labels, probs, path, title, per_group=6):
@@ -757,7 +765,8 @@ def plot_error_analysis(images, labels, probs, path, title, per_group=6):
 # =============================================================================================
 def plot_filters(models, path, cols=8):
     """5.1: the first conv layer's filters of each trained model, one panel per model."""
-    convs = {name: m.features[0][0] if name == "simple_cnn" else m.conv1 for name, m in models.items()}
+    convs = {name: m.features[0][0] if name == "simple_cnn" else m.conv1
+             for name, m in models.items()}
     fig = Figure(figsize=(4.5 * len(convs), 5.2), layout="constrained")
     for sub, (name, conv) in zip(fig.subfigures(1, len(convs), squeeze=False)[0], convs.items()):
         w = conv.weight.detach().cpu().numpy()[:, 0]
@@ -783,7 +792,8 @@ def gradcam_maps(name, model, x, data):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
     with GradCAM(model=model, target_layers=[gradcam_layer(name, model)]) as cam:
-        return cam(input_tensor=standardize(x, data), targets=[BinaryClassifierOutputTarget(1)] * len(x))
+        targets = [BinaryClassifierOutputTarget(1)] * len(x)   # the single pneumonia logit
+        return cam(input_tensor=standardize(x, data), targets=targets)
 
 
 def pick_gradcam_images(labels, probs):
@@ -839,9 +849,9 @@ def plot_gradcam(models, test_probs, data, idx, path):
 # =============================================================================================
 #                                     The whole run
 # =============================================================================================
-def train_and_test(name, model, stages, data, cfg, device):
-    """Train one model, then predict the test split once; returns its metrics.json entry."""
-    model.to(device)
+def train_and_test(name, model, stages, data, cfg):
+    """Train one model, then predict the test split once; its metrics.json entry and predictions."""
+    print(f"{MODEL_NAMES[name]}: {count_params(model):,} parameters")
     start = time.perf_counter()
     history, best_epoch = fit(model, data, cfg, stages, MODEL_NAMES[name])
     seconds = time.perf_counter() - start
@@ -850,11 +860,12 @@ def train_and_test(name, model, stages, data, cfg, device):
     result = dict(status="trained", params=count_params(model), epochs_trained=len(history),
                   best_epoch=best_epoch, train_seconds=round(seconds, 1),
                   seconds_per_epoch=round(seconds / len(history), 2),
-                  val=binary_metrics(val_labels, val_probs), test=binary_metrics(test_labels, test_probs),
+                  val=binary_metrics(val_labels, val_probs),
+                  test=binary_metrics(test_labels, test_probs),
                   history=history)
     print(f"{MODEL_NAMES[name]}: val AUC {result['val']['auc']:.4f}; test acc "
           f"{result['test']['accuracy']:.4f} AUC {result['test']['auc']:.4f} ({seconds:.0f} s)")
-    return result, history, best_epoch, val_probs, test_probs
+    return result, val_probs, test_probs
 
 
 def run(cfg):
@@ -878,39 +889,37 @@ def run(cfg):
     plot_augmentation(data, cfg, out / "part1_augmentation.png")
 
     # ---- Part 2 ------------------------------------------------------------------------------
-    results, curves, models, val_probs, test_probs = {}, {}, {}, {}, {}
+    results, models, val_probs, test_probs = {}, {}, {}, {}
 
-    def record(name, model, stages):
+    def train(name, build, stages):
+        """Build a model from the run's seed, train it, and keep its predictions."""
         seed_everything(cfg.seed)   # each model starts from the same seed, whatever ran before
-        results[name], *curve, val_probs[name], test_probs[name] = train_and_test(
-            name, model, stages, data, cfg, device)
-        curves[name], models[name] = tuple(curve), model
+        models[name] = build().to(device)
+        results[name], val_probs[name], test_probs[name] = train_and_test(
+            name, models[name], stages, data, cfg)
 
-    seed_everything(cfg.seed)
-    cnn = SimpleCNN()
-    print(f"Simple CNN: {count_params(cnn):,} parameters")
-    record("simple_cnn", cnn, [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)])
-    plot_training_curves({"simple_cnn": curves["simple_cnn"]}, out / "part2_training_curves.png",
+    train("simple_cnn", SimpleCNN, [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)])
+    plot_training_curves({"simple_cnn": results["simple_cnn"]}, out / "part2_training_curves.png",
                          "Part 2.3: Simple CNN training curves")
 
     # ---- Part 3 ------------------------------------------------------------------------------
-    stem_speed = time_stems(device, batch=16 if cfg.quick else 64, steps=1 if cfg.quick else 2)
+    stem_speed = time_stems(device, batch=16 if cfg.quick else 64, steps=1 if cfg.quick else 4)
     print("ResNet18 training images/s by stem:", stem_speed)
-    seed_everything(cfg.seed)
-    record("resnet18_scratch", build_resnet18(), [Stage("train", cfg.resnet_epochs, cfg.resnet_lr)])
+    train("resnet18_scratch", build_resnet18, [Stage("train", cfg.resnet_epochs, cfg.resnet_lr)])
     state, reason = load_imagenet_weights(cfg)
     if state is None:
         print(f"ResNet18 (pretrained): {reason}")
         results["resnet18_pretrained"] = dict(status="skipped", reason=reason)
     else:
-        seed_everything(cfg.seed)
-        record("resnet18_pretrained", build_resnet18(state),
-               [Stage("frozen", cfg.head_epochs, cfg.head_lr, head_only=True),
-                Stage("unfrozen", cfg.finetune_epochs, cfg.finetune_lr)])
+        train("resnet18_pretrained", lambda: build_resnet18(state),
+              [Stage("frozen", cfg.head_epochs, cfg.head_lr, head_only=True),
+               Stage("unfrozen", cfg.finetune_epochs, cfg.finetune_lr)])
     skipped = "" if state is not None else "\nResNet18 (pretrained) " + reason
-    plot_training_curves({k: v for k, v in curves.items() if k != "simple_cnn"},
-                         out / "part3_training_curves.png", f"Part 3: ResNet18 training curves{skipped}")
-    table = write_comparison(results, out / "part3_model_comparison.md", out / "part3_model_comparison.png")
+    plot_training_curves({k: v for k, v in results.items() if k in models and k != "simple_cnn"},
+                         out / "part3_training_curves.png",
+                         f"Part 3: ResNet18 training curves{skipped}")
+    table = write_comparison(results, out / "part3_model_comparison.md",
+                             out / "part3_model_comparison.png")
     print(table)
 
     # ---- Part 4 ------------------------------------------------------------------------------
@@ -924,7 +933,8 @@ def run(cfg):
                           out / "part4_confusion_matrix.png", f"{best_title}\nthreshold 0.5")
     plot_roc_pr(test_labels, test_probs[best], thresholds, out / "part4_roc_pr.png", best_title)
     test_images = data.x["test"].cpu().numpy()
-    plot_error_analysis(test_images, test_labels, test_probs[best], out / "part4_error_analysis.png",
+    plot_error_analysis(test_images, test_labels, test_probs[best],
+                        out / "part4_error_analysis.png",
                         f"{best_title}: most confident cases per outcome, p = P(pneumonia)")
     operating_points = {name: dict(threshold=t, **binary_metrics(test_labels, test_probs[best], t))
                         for name, t in thresholds.items()}
@@ -966,9 +976,10 @@ def main(argv=None):
 #    the highest threshold keeping validation recall >= 0.99, the "screening" point in
 #    part4_roc_pr.png and metrics.json "operating_points") and then check on a fresh, local
 #    validation set that it holds there: our test split shows that a threshold tuned on one
-#    distribution drifts on another (test specificity is far below validation's). A false negative is a missed pneumonia: delayed antibiotics, possible
-#    deterioration, most dangerous in children. A false positive costs a radiologist's second
-#    look, perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. Because a
+#    distribution drifts on another (test specificity is far below validation's).
+#    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
+#    most dangerous in young children. A false positive costs a radiologist's second look,
+#    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. Because a
 #    missed case costs far more, we accept lower specificity; the model is a triage aid that
 #    prioritises films for a human reader, not a replacement for one.
 # 2. Three limitations of MedMNIST (28x28) compared with clinical chest X-rays:
@@ -977,7 +988,7 @@ def main(argv=None):
 #        labels with no subtype (bacterial/viral), location or severity, and no patient metadata
 #        or prior films; (c) evaluation: the test split is small (624) and the splits are not
 #        guaranteed patient-disjoint across sources, so numbers need confidence intervals and
-#        would not transfer to adults, other hospitals or other scanners without external validation.
+#        would not transfer to adults, other hospitals or scanners without external validation.
 # 3. Next steps with full-resolution X-rays and a GPU cluster:
 #    Train at 224-512 px with ImageNet- or, better, chest-X-ray-pretrained backbones (e.g. models
 #    pretrained on CheXpert/MIMIC-CXR) and stronger but anatomically plausible augmentation;

@@ -112,7 +112,8 @@ def test_fit_restores_weights_of_best_validation_epoch(data):
     probs, labels = H.predict(model, data.loaders["val"], data)
     best_row = history[best - 1]
     assert min(h["val_loss"] for h in history) == best_row["val_loss"]
-    assert H.weighted_bce(probs, labels, data.pos_weight) == pytest.approx(best_row["val_loss"], abs=1e-5)
+    restored_loss = H.weighted_bce(probs, labels, data.pos_weight)
+    assert restored_loss == pytest.approx(best_row["val_loss"], abs=1e-5)
     assert best_row["val_auc"] > 0.8                 # the synthetic signal is learnable
 
 
@@ -151,13 +152,14 @@ def test_gradcam_map_is_not_constant(data):
         assert max(m.std() for m in maps) > 0.01, name
 
 
-def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path, monkeypatch, capsys):
+def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path, monkeypatch):
     torch_home = tmp_path / "torch"                   # where torchvision's cache looks
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copy(resnet18_state_path, torch_home / "hub" / "checkpoints")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     out = tmp_path / "out"
-    assert H.main(["--quick", "--data-dir", str(data_dir), "--outputs", str(out), "--device", "cpu"]) == 0
+    argv = ["--quick", "--data-dir", str(data_dir), "--outputs", str(out), "--device", "cpu"]
+    assert H.main(argv) == 0
     for name in OUTPUT_FILES:
         assert (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
@@ -168,15 +170,18 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
         r = m["models"][name]
         assert r["status"] == "trained" and r["params"] > 0 and r["epochs_trained"] >= 1
         assert r["train_seconds"] > 0 and set(r["val"]) >= {"accuracy", "auc"}
-        assert set(r["test"]) >= {"accuracy", "auc", "precision", "recall", "specificity", "f1", "ap"}
-    assert [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]] == ["frozen", "unfrozen"]
+        assert set(r["test"]) >= {"accuracy", "auc", "precision", "recall", "specificity",
+                                  "f1", "ap"}
+    stages = [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]]
+    assert stages == ["frozen", "unfrozen"]
     assert "ResNet18 (pretrained)" in (out / "part3_model_comparison.md").read_text()
 
 
 def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypatch, offline):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     out = tmp_path / "out"
-    assert H.main(["--quick", "--epochs", "1", "--data-dir", str(data_dir), "--outputs", str(out)]) == 0
+    argv = ["--quick", "--epochs", "1", "--data-dir", str(data_dir), "--outputs", str(out)]
+    assert H.main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     skipped = m["models"]["resnet18_pretrained"]
     assert skipped["status"] == "skipped" and skipped["reason"].startswith("not run:")
@@ -186,7 +191,8 @@ def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypat
 
 
 def test_missing_data_offline_exits_2_with_message(tmp_path, offline, capsys):
-    code = H.main(["--quick", "--data-dir", str(tmp_path / "nodata"), "--outputs", str(tmp_path / "out")])
+    code = H.main(["--quick", "--data-dir", str(tmp_path / "nodata"),
+                   "--outputs", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert "pneumoniamnist.npz" in err and "--data-dir" in err and "Traceback" not in err
