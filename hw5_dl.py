@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import math
 import os
 import random
 import sys
+import tempfile
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -123,6 +128,15 @@ class UserError(Exception):
     """A problem with the user's input or machine: printed as one paragraph, exit code 2."""
 
 
+def brief(err):
+    """An exception as one short line, for a one-paragraph message."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+class Diverged(Exception):
+    """The training loss stopped being finite: that model stops, the run goes on without it."""
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -151,18 +165,41 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def write_atomically(path, write):
+    """Call write(temporary path), then rename it to path: the file is either whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_figure(fig, path):
-    """Write a figure atomically: the PNG is either whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    """Write a figure as a PNG, atomically."""
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
 
 
 def write_text(path, text):
     """Write a text file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def prepare_outputs(folder):
+    """Create the outputs folder, prove it writable, and drop a previous run's metrics.json."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--outputs {out} is an existing file, not a folder. Pass a folder "
+                        "path (it is created if missing); the file is left untouched.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UserError(f"--outputs {out} cannot hold the results ({err.strerror or err}). "
+                        "Pass a folder you can write to, or a new path to create.") from None
+    (out / "metrics.json").unlink(missing_ok=True)   # written last: present means complete
+    return out
 
 
 def show_image(ax, img, title=None):
@@ -185,6 +222,7 @@ class Data:
     class_names: list
     mean: float
     std: float
+    source: dict                     # the npz file's path and md5 check
     pos_weight: float = field(init=False)
 
     def __post_init__(self):
@@ -192,22 +230,58 @@ class Data:
         self.pos_weight = (len(self.y["train"]) - n_pos) / n_pos
 
 
+def data_file(cfg):
+    """The npz path medmnist reads for --data-dir (created so that a download can land there)."""
+    import medmnist
+    root = Path(cfg.data_dir or medmnist.info.DEFAULT_ROOT).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--data-dir {root} cannot be used as a folder ({err.strerror or err}). "
+                        f"Pass the folder that holds {DATASET}.npz.") from None
+    return root / f"{DATASET}.npz"
+
+
+def check_md5(path):
+    """Compare the file's md5 with medmnist's INFO; warn (do not stop) when they differ."""
+    import medmnist
+    expected = medmnist.INFO[DATASET]["MD5"]
+    actual = hashlib.md5(path.read_bytes()).hexdigest()
+    if actual != expected:
+        print(f"warning: {path} has md5 {actual}, not the official {expected}: results will not "
+              "be comparable with published ones (metrics.json records this).", file=sys.stderr)
+    return dict(path=str(path), md5=actual, md5_expected=expected, md5_ok=actual == expected)
+
+
 def read_split(split, cfg):
     """1.1: one split through medmnist, downloading into --data-dir when the file is missing."""
     import medmnist
-    root = Path(cfg.data_dir or medmnist.info.DEFAULT_ROOT).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    missing = not (root / f"{DATASET}.npz").exists()
+    path = data_file(cfg)
     try:
-        ds = medmnist.PneumoniaMNIST(split=split, root=str(root), download=missing)
-    except RuntimeError as err:
+        ds = medmnist.PneumoniaMNIST(split=split, root=str(path.parent), download=not path.exists())
+    except RuntimeError as err:    # medmnist's download failure
         info = medmnist.INFO[DATASET]
-        raise UserError(f"{DATASET}.npz is not in {root} and the download failed "
+        raise UserError(f"{path.name} is not in {path.parent} and the download failed "
                         f"({str(err).split('!')[0].strip()}). Download it by hand from "
                         f"{info['url']} (md5 {info['MD5']}), put it in a folder as "
-                        f"{DATASET}.npz and run again with --data-dir FOLDER.") from None
-    labels = np.asarray(ds.labels).reshape(-1)          # medmnist gives (N, 1): squeeze it
-    return np.asarray(ds.imgs), labels
+                        f"{path.name} and run again with --data-dir FOLDER.") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise UserError(f"{path} is not a readable MedMNIST npz ({brief(err)}); it may be "
+                        "truncated or corrupt. Delete it and "
+                        "download it again (or run without it to let medmnist download).") from None
+    imgs, labels = np.asarray(ds.imgs), np.asarray(ds.labels)
+    n = len(imgs)
+    problems = [message for bad, message in [
+        (imgs.dtype != np.uint8, f"{split}_images has dtype {imgs.dtype}, not uint8"),
+        (imgs.shape[1:] != (28, 28), f"{split}_images has shape {imgs.shape}, not (N, 28, 28)"),
+        (labels.shape not in ((n, 1), (n,)),
+         f"{split}_labels has shape {labels.shape}, not ({n}, 1)"),
+        (not np.isin(labels, (0, 1)).all(), f"{split}_labels holds values other than 0 and 1"),
+        (n == 0, f"the {split} split is empty")] if bad]
+    if problems:
+        raise UserError(f"{path} does not look like PneumoniaMNIST: {'; '.join(problems)}. Replace "
+                        f"it with the official file (md5 {medmnist.INFO[DATASET]['MD5']}).")
+    return imgs, labels.reshape(-1)                  # medmnist gives labels as (N, 1): squeeze
 
 
 def make_loader(x, y, batch_size, shuffle, seed=0):
@@ -228,6 +302,9 @@ def load_data(cfg, device):
         imgs, labels = read_split(split, cfg)
         xs[split] = torch.from_numpy(imgs).float().div(255).unsqueeze(1)
         ys[split] = torch.from_numpy(labels).float()
+    if len(ys["train"].unique()) < 2:
+        raise UserError(f"the training split of {data_file(cfg)} holds one class only; a binary "
+                        "classifier needs both. Use the official PneumoniaMNIST file.")
     if cfg.quick:   # a seeded random subset keeps both classes in their natural proportion
         keep = torch.randperm(len(ys["train"]), generator=torch.Generator().manual_seed(cfg.seed))
         keep = keep[:cfg.quick_train_images]
@@ -238,7 +315,8 @@ def load_data(cfg, device):
                for split in xs}
     labels = medmnist.INFO[DATASET]["label"]
     return Data(x=xs, y=ys, loaders=loaders, class_names=[labels[str(i)] for i in range(2)],
-                mean=xs["train"].mean().item(), std=xs["train"].std().item())
+                mean=xs["train"].mean().item(), std=xs["train"].std().item(),
+                source=check_md5(data_file(cfg)))
 
 
 def augment(x, cfg):
@@ -435,6 +513,9 @@ def train_epoch(model, loader, data, cfg, criterion, optimizer, scheduler):
     for x, y in loader:
         logits = model(standardize(augment(x, cfg), data)).squeeze(1)
         loss = criterion(logits, y)
+        if not math.isfinite(loss.item()):            # stop before a NaN reaches the weights
+            raise Diverged(f"the training loss became {loss.item()} after {seen} images of "
+                           "an epoch; lower the learning rate in Config")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -487,6 +568,12 @@ def plot_training_curves(results, path, title):
     fig = Figure(figsize=(11, 3.4 * len(results)), layout="constrained")
     axes = fig.subplots(len(results), 2, squeeze=False)
     for row, (name, result) in zip(axes, results.items()):
+        if result["status"] != "trained":               # skipped or failed: say why instead
+            for ax in row:
+                ax.set_axis_off()
+            row[0].text(0, 0.5, f"{MODEL_NAMES[name]}: {result['reason']}", fontsize=9,
+                        transform=row[0].transAxes, wrap=True)
+            continue
         history, best_epoch = result["history"], result["best_epoch"]
         epochs = [h["epoch"] for h in history]
         for ax, metric in zip(row, ("loss", "acc")):
@@ -556,7 +643,11 @@ def build_resnet18(state_dict=None):
 
 
 def load_imagenet_weights(cfg):
-    """3.1: ImageNet ResNet18 weights from --pretrained-weights or torchvision; (state, reason)."""
+    """3.1: ImageNet ResNet18 weights from --pretrained-weights or torchvision; (state, reason).
+
+    Both paths load with weights_only=True (tensors only, never pickled code) and are checked
+    against torchvision's ResNet18 before any training starts.
+    """
     if cfg.pretrained_weights:
         path = Path(cfg.pretrained_weights)
         if not path.is_file():
@@ -566,14 +657,17 @@ def load_imagenet_weights(cfg):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             torchvision.models.resnet18().load_state_dict(state)
-        except Exception as err:
+        except Exception as err:   # not a torch file, not a dict, wrong keys or shapes
             raise UserError(f"--pretrained-weights {path} is not a torchvision ResNet18 state "
-                            f"dict ({type(err).__name__}: {str(err)[:200]}).") from None
+                            f"dict ({brief(err)}). Pass the file "
+                            "resnet18-f37072fd.pth that torchvision downloads.") from None
         return state, None
     try:
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-        return weights.get_state_dict(progress=False, map_location="cpu"), None
-    except Exception as err:   # offline: URLError; a broken cache file: RuntimeError/EOFError
+        state = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+        torchvision.models.resnet18().load_state_dict(state)
+        return state, None
+    except Exception as err:   # offline: URLError; a broken cache file: RuntimeError and others
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         return None, (f"not run: ImageNet weights unavailable ({type(err).__name__}); "
                       f"put resnet18-f37072fd.pth in {cache} or pass --pretrained-weights PATH")
@@ -630,9 +724,10 @@ def write_comparison(results, md_path, png_path):
                    [COMPARISON_HEADER, ["---"] * len(COMPARISON_HEADER), *rows])
     md += "\n\nTest metrics at threshold 0.5. Val AUC chooses the best model (Part 4).\n"
     write_text(md_path, md)
-    notes = [f"{row[0]}: {row[1]}" for row in rows if row[1].startswith("not run")]
-    cells = [row if not row[1].startswith("not run") else [row[0], "not run (see below)"] + row[2:]
-             for row in rows]
+    untrained = [row for row in rows if not row[2]]          # skipped or failed: reason only
+    notes = [f"{row[0]}: {row[1]}" for row in untrained]
+    cells = [[row[0], f"{row[1].split(':')[0]} (see below)"] + row[2:] if row in untrained
+             else row for row in rows]
     fig = Figure(figsize=(13, 0.9 + 0.45 * len(rows)))
     ax = fig.subplots()
     ax.set_axis_off()
@@ -887,16 +982,15 @@ def train_and_test(name, model, stages, data, cfg):
 def run(cfg):
     """Parts 1-5 in order; returns the metrics dictionary written to metrics.json."""
     t0 = time.perf_counter()
-    out = Path(cfg.outputs)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--outputs {out} is a file, not a folder; pass another path.")
-    out.mkdir(parents=True, exist_ok=True)
+    # Every input is checked before anything is written: device, data, weights, outputs folder.
     device = pick_device(cfg.device)
     print(f"device: {device} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    imagenet_state, skip_reason = load_imagenet_weights(cfg)
+    out = prepare_outputs(cfg.outputs)
 
     # ---- Part 1 ------------------------------------------------------------------------------
-    data = load_data(cfg, device)
     for split in ("train", "val", "test"):
         y = data.y[split]
         print(f"{split}: {len(y)} images, {int(y.sum())} pneumonia ({y.mean().item():.1%})")
@@ -910,9 +1004,15 @@ def run(cfg):
     def train(name, build, stages):
         """Build a model from the run's seed, train it, and keep its predictions."""
         seed_everything(cfg.seed)   # each model starts from the same seed, whatever ran before
-        models[name] = build().to(device)
-        results[name], val_probs[name], test_probs[name] = train_and_test(
-            name, models[name], stages, data, cfg)
+        model = build().to(device)
+        try:
+            results[name], val_probs[name], test_probs[name] = train_and_test(
+                name, model, stages, data, cfg)
+            models[name] = model
+        except Diverged as err:
+            print(f"{MODEL_NAMES[name]}: stopped, {err}; the run goes on without it.",
+                  file=sys.stderr)
+            results[name] = dict(status="failed", reason=f"failed: {err}")
 
     train("simple_cnn", SimpleCNN, [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)])
     plot_training_curves({"simple_cnn": results["simple_cnn"]}, out / "part2_training_curves.png",
@@ -922,18 +1022,18 @@ def run(cfg):
     stem_speed = time_stems(device, batch=16 if cfg.quick else 64, steps=1 if cfg.quick else 4)
     print("ResNet18 training images/s by stem:", stem_speed)
     train("resnet18_scratch", build_resnet18, [Stage("train", cfg.resnet_epochs, cfg.resnet_lr)])
-    state, reason = load_imagenet_weights(cfg)
-    if state is None:
-        print(f"ResNet18 (pretrained): {reason}")
-        results["resnet18_pretrained"] = dict(status="skipped", reason=reason)
+    if imagenet_state is None:
+        print(f"ResNet18 (pretrained): {skip_reason}")
+        results["resnet18_pretrained"] = dict(status="skipped", reason=skip_reason)
     else:
-        train("resnet18_pretrained", lambda: build_resnet18(state),
+        train("resnet18_pretrained", lambda: build_resnet18(imagenet_state),
               [Stage("frozen", cfg.head_epochs, cfg.head_lr, head_only=True),
                Stage("unfrozen", cfg.finetune_epochs, cfg.finetune_lr)])
-    skipped = "" if state is not None else "\nResNet18 (pretrained) " + reason
-    plot_training_curves({k: v for k, v in results.items() if k in models and k != "simple_cnn"},
-                         out / "part3_training_curves.png",
-                         f"Part 3: ResNet18 training curves{skipped}")
+    if not models:
+        raise UserError("no model finished training (see the messages above), so there is "
+                        "nothing to evaluate; lower the learning rates in Config.")
+    plot_training_curves({k: results[k] for k in ("resnet18_scratch", "resnet18_pretrained")},
+                         out / "part3_training_curves.png", "Part 3: ResNet18 training curves")
     table = write_comparison(results, out / "part3_model_comparison.md",
                              out / "part3_model_comparison.png")
     print(table)
@@ -966,7 +1066,7 @@ def run(cfg):
                    seed=cfg.seed, quick=cfg.quick, torch=torch.__version__,
                    threads=torch.get_num_threads(), best_model=best,
                    screening_threshold=chosen, operating_points=operating_points,
-                   stem_images_per_second=stem_speed, config=asdict(cfg),
+                   stem_images_per_second=stem_speed, data_file=data.source, config=asdict(cfg),
                    models=results, total_seconds=round(time.perf_counter() - t0, 1))
     write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float))
     print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
@@ -974,13 +1074,17 @@ def run(cfg):
 
 
 def main(argv=None):
-    """Command-line entry point: run everything, turn user errors into one paragraph and exit 2."""
+    """Command-line entry point: user errors print one paragraph (exit 2), Ctrl-C exits 130."""
     cfg = parse_args(argv)
     try:
         run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the figures already in the outputs folder are whole; metrics.json "
+              "is written only when a run completes.", file=sys.stderr)
+        return 130
     return 0
 
 
