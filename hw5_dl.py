@@ -565,15 +565,17 @@ def fit(model, data, cfg, stages, label):
 
 def plot_training_curves(results, path, title):
     """2.3/3.2: loss and accuracy, train vs val, per model; best epoch and stage changes marked."""
-    fig = Figure(figsize=(11, 3.4 * len(results)), layout="constrained")
-    axes = fig.subplots(len(results), 2, squeeze=False)
-    for row, (name, result) in zip(axes, results.items()):
-        if result["status"] != "trained":               # skipped or failed: say why instead
-            for ax in row:
-                ax.set_axis_off()
-            row[0].text(0, 0.5, f"{MODEL_NAMES[name]}: {result['reason']}", fontsize=9,
-                        transform=row[0].transAxes, wrap=True)
-            continue
+    trained = {k: r for k, r in results.items() if r["status"] == "trained"}
+    fig = Figure(figsize=(11, 3.4 * max(len(trained), 1)), layout="constrained")
+    axes = fig.subplots(max(len(trained), 1), 2, squeeze=False)
+    not_trained = [f"{MODEL_NAMES[k]}: {r['reason']}" for k, r in results.items()
+                   if k not in trained]
+    if not_trained:                                   # skipped or failed: say why, below the plots
+        fig.supxlabel("\n".join(not_trained), fontsize=8)
+    for row in axes[len(trained):]:
+        for ax in row:
+            ax.set_axis_off()
+    for row, (name, result) in zip(axes, trained.items()):
         history, best_epoch = result["history"], result["best_epoch"]
         epochs = [h["epoch"] for h in history]
         for ax, metric in zip(row, ("loss", "acc")):
@@ -629,9 +631,9 @@ def build_resnet18(state_dict=None):
     Grad-CAM map there is a single number (blank). We keep the 7x7 stride-2 conv1 (so pretrained
     weights still fit) and drop the max-pool: layer1 runs at 14x14, layer3 at 4x4, layer4 at 2x2.
     Each run measures the cost (time_stems, metrics.json "stem_images_per_second"). In the
-    committed run on 2 CPU cores ours trains ~200 images/s: 2.6x slower than torchvision's
-    degenerate stem (~520) and 3.2x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
-    paper (~60, layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
+    committed run on 2 CPU cores ours trains ~215 images/s: 2.4x slower than torchvision's
+    degenerate stem (~520) and 3.5x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
+    paper (~62, layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
     """
     model = torchvision.models.resnet18()
     if state_dict is not None:
