@@ -630,10 +630,10 @@ def build_resnet18(state_dict=None):
     28x28 to 7x7 before layer1, and layer4 ends at 1x1: every spatial detail is gone and a
     Grad-CAM map there is a single number (blank). We keep the 7x7 stride-2 conv1 (so pretrained
     weights still fit) and drop the max-pool: layer1 runs at 14x14, layer3 at 4x4, layer4 at 2x2.
-    Each run measures the cost (time_stems, metrics.json "stem_images_per_second"). In the
-    committed run on 2 CPU cores ours trains ~215 images/s: 2.4x slower than torchvision's
-    degenerate stem (~520) and 3.5x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
-    paper (~62, layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
+    Each run measures the cost (time_stems, metrics.json "stem_images_per_second"). On 2 CPU
+    cores ours trains 200-240 images/s over several runs: 2.4-2.7x slower than torchvision's
+    degenerate stem and 3.5-3.8x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
+    paper (layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
     """
     model = torchvision.models.resnet18()
     if state_dict is not None:
