@@ -15,6 +15,7 @@ OUTPUT_FILES = ["part1_samples.png", "part1_class_distribution.png", "part1_augm
                 "part2_training_curves.png", "part3_training_curves.png",
                 "part3_model_comparison.png", "part3_model_comparison.md",
                 "part4_confusion_matrix.png", "part4_roc_pr.png", "part4_error_analysis.png",
+                "part4_calibration.png",
                 "part5_filters.png", "part5_gradcam.png", "metrics.json"]
 
 
@@ -130,6 +131,8 @@ def test_metrics_equal_sklearn():
     assert m["f1"] == pytest.approx(skm.f1_score(labels, pred))
     assert m["auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
     assert m["ap"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert m["npv"] == pytest.approx(skm.precision_score(labels, pred, pos_label=0))
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(labels, probs))
     assert m["tp"] + m["fn"] == labels.sum()
 
 
@@ -174,6 +177,16 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
                                   "f1", "ap"}
     stages = [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]]
     assert stages == ["frozen", "unfrozen"]
+    ensemble = m["models"]["ensemble"]
+    assert ensemble["members"] == ["simple_cnn", "resnet18_scratch", "resnet18_pretrained"]
+    for r in m["models"].values():
+        for key in ("auc", "accuracy", "recall", "specificity"):
+            low, high = r["test_ci95"][key]
+            assert 0 <= low <= high <= 1
+    assert set(m["auc_difference_vs_best"]) == set(m["models"]) - {m["best_model"]}
+    assert len(m["operating_points"]) == 3
+    for op in m["operating_points"].values():
+        assert {"threshold", "recall", "specificity", "precision", "npv", "fn"} <= set(op)
     assert "ResNet18 (pretrained)" in (out / "part3_model_comparison.md").read_text()
 
 
@@ -212,3 +225,29 @@ def test_impossible_numbers_are_rejected_by_argparse():
         with pytest.raises(SystemExit) as exc:
             H.parse_args(argv)
         assert exc.value.code == 2
+
+
+def test_youden_threshold_maximises_j_on_validation():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.3 + rng.random(300) * 0.7, 0, 1)
+    t = H.youden_threshold(labels, probs)
+
+    def j(threshold):
+        pred = probs >= threshold
+        return skm.recall_score(labels, pred) + skm.recall_score(labels, pred, pos_label=0) - 1
+
+    assert j(t) == pytest.approx(max(j(c) for c in np.unique(probs)))
+
+
+def test_stratified_bootstrap_keeps_class_counts_and_is_seeded():
+    labels = np.array([0] * 30 + [1] * 70)
+    first = H.stratified_resamples(labels, 50, seed=3)
+    assert all(labels[idx].sum() == 70 and len(idx) == 100 for idx in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, H.stratified_resamples(labels, 50, 3)))
+    probs = np.clip(labels * 0.4 + np.random.default_rng(0).random(100) * 0.6, 0, 1)
+    draws = H.bootstrap(labels, probs, first)
+    low, high = H.interval95(draws["auc"])
+    assert low <= skm.roc_auc_score(labels, probs) <= high
+    same = H.paired_auc_differences({"a": draws, "b": draws}, "a")["b"]
+    assert same["difference"] == 0 and same["best_ahead"] == 0
