@@ -41,7 +41,7 @@ from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sequentia
                               TensorDataset)
 from tqdm import tqdm
 
-DATASET = "pneumoniamnist"
+SIZES = (28, 64, 128, 224)            # MedMNIST+ image sizes
 MODEL_NAMES = {"simple_cnn": "Simple CNN", "resnet18_scratch": "ResNet18 (from scratch)",
                "resnet18_pretrained": "ResNet18 (pretrained)",
                "ensemble": "Ensemble (mean probability)"}
@@ -53,6 +53,8 @@ MODEL_NAMES = {"simple_cnn": "Simple CNN", "resnet18_scratch": "ResNet18 (from s
 @dataclass
 class Config:
     """Every knob of the run, with the reason for its value; the command line overrides a few."""
+    dataset: str = "pneumoniamnist"  # any binary 2D MedMNIST data set (also: breastmnist)
+    size: int = 28                   # MedMNIST+ size: 28 (the assignment), 64, 128 or 224
     data_dir: str = ""               # medmnist's root; "" means medmnist's default (~/.medmnist)
     outputs: str = "outputs"
     device: str = "auto"
@@ -103,7 +105,11 @@ def parse_args(argv=None) -> Config:
     """Read the command line into a Config."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="", help="folder holding pneumoniamnist.npz (medmnist's "
+    p.add_argument("--dataset", default="pneumoniamnist",
+                   help="a binary 2D MedMNIST data set (medmnist.INFO), e.g. breastmnist")
+    p.add_argument("--size", type=int, default=28, choices=SIZES,
+                   help="image size; other than 28 reads MedMNIST+ files such as NAME_64.npz")
+    p.add_argument("--data-dir", default="", help="folder holding NAME.npz (medmnist's "
                    "root); downloaded there when missing. Default: medmnist's ~/.medmnist")
     p.add_argument("--outputs", default="outputs", help="folder for figures and metrics.json")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
@@ -205,9 +211,16 @@ def prepare_outputs(folder):
     return out
 
 
+def as_rgb(img):
+    """A (C, H, W) image in [0, 1], gray or colour, as float32 (H, W, 3) for display."""
+    img = np.asarray(img, dtype=np.float32)
+    return np.repeat(img[:1], 3, axis=0).transpose(1, 2, 0) if img.shape[0] == 1 \
+        else img.transpose(1, 2, 0)
+
+
 def show_image(ax, img, title=None):
-    """Draw one gray image in [0, 1] without axes."""
-    ax.imshow(np.asarray(img).squeeze(), cmap="gray", vmin=0, vmax=1)
+    """Draw one (C, H, W) image in [0, 1] without axes."""
+    ax.imshow(as_rgb(img), vmin=0, vmax=1)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
@@ -226,11 +239,27 @@ class Data:
     mean: float
     std: float
     source: dict                     # the npz file's path and md5 check
+    name: str                        # medmnist's class name, e.g. PneumoniaMNIST
     pos_weight: float = field(init=False)
 
     def __post_init__(self):
         n_pos = float(self.y["train"].sum())
         self.pos_weight = (len(self.y["train"]) - n_pos) / n_pos
+
+
+def dataset_info(cfg):
+    """medmnist.INFO for --dataset, refusing anything but binary 2D data sets."""
+    import medmnist
+    binary_2d = sorted(k for k, v in medmnist.INFO.items()
+                       if v["task"] == "binary-class" and not k.endswith("3d"))
+    if cfg.dataset not in medmnist.INFO:
+        raise UserError(f"--dataset {cfg.dataset} is not a MedMNIST data set; binary 2D ones "
+                        f"are: {', '.join(binary_2d)}.")
+    if cfg.dataset not in binary_2d:
+        raise UserError(f"--dataset {cfg.dataset} is {medmnist.INFO[cfg.dataset]['task']}"
+                        f"{' and 3D' if cfg.dataset.endswith('3d') else ''}: this script handles "
+                        f"binary datasets only (2D): {', '.join(binary_2d)}.")
+    return medmnist.INFO[cfg.dataset]
 
 
 def data_file(cfg):
@@ -241,14 +270,18 @@ def data_file(cfg):
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--data-dir {root} cannot be used as a folder ({err.strerror or err}). "
-                        f"Pass the folder that holds {DATASET}.npz.") from None
-    return root / f"{DATASET}.npz"
+                        f"Pass the folder that holds {cfg.dataset}.npz.") from None
+    return root / f"{cfg.dataset}{size_suffix(cfg)}.npz"
 
 
-def check_md5(path):
+def size_suffix(cfg):
+    """medmnist's file and INFO key suffix: '' at 28 pixels, '_64' at 64, and so on."""
+    return "" if cfg.size == 28 else f"_{cfg.size}"
+
+
+def check_md5(path, cfg):
     """Compare the file's md5 with medmnist's INFO; warn (do not stop) when they differ."""
-    import medmnist
-    expected = medmnist.INFO[DATASET]["MD5"]
+    expected = dataset_info(cfg)[f"MD5{size_suffix(cfg)}"]
     actual = hashlib.md5(path.read_bytes()).hexdigest()
     if actual != expected:
         print(f"warning: {path} has md5 {actual}, not the official {expected}: results will not "
@@ -256,33 +289,37 @@ def check_md5(path):
     return dict(path=str(path), md5=actual, md5_expected=expected, md5_ok=actual == expected)
 
 
-def read_split(split, path):
+def read_split(split, path, cfg):
     """1.1: one split through medmnist, downloading to path when the file is missing."""
     import medmnist
+    info = dataset_info(cfg)
     try:
-        ds = medmnist.PneumoniaMNIST(split=split, root=str(path.parent), download=not path.exists())
+        ds = getattr(medmnist, info["python_class"])(
+            split=split, root=str(path.parent), download=not path.exists(), size=cfg.size)
     except RuntimeError as err:    # medmnist's download failure
-        info = medmnist.INFO[DATASET]
         raise UserError(f"{path.name} is not in {path.parent} and the download failed "
                         f"({str(err).split('!')[0].strip()}). Download it by hand from "
-                        f"{info['url']} (md5 {info['MD5']}), put it in a folder as "
-                        f"{path.name} and run again with --data-dir FOLDER.") from None
+                        f"{info['url' + size_suffix(cfg)]} (md5 {info['MD5' + size_suffix(cfg)]}), "
+                        f"put it in a folder as {path.name} and run again with --data-dir "
+                        "FOLDER.") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
         raise UserError(f"{path} is not a readable MedMNIST npz ({brief(err)}); it may be "
                         "truncated or corrupt. Delete it and "
                         "download it again (or run without it to let medmnist download).") from None
     imgs, labels = np.asarray(ds.imgs), np.asarray(ds.labels)
-    n = len(imgs)
+    n, shape = len(imgs), (cfg.size, cfg.size) + ((3,) if info["n_channels"] == 3 else ())
     problems = [message for bad, message in [
         (imgs.dtype != np.uint8, f"{split}_images has dtype {imgs.dtype}, not uint8"),
-        (imgs.shape[1:] != (28, 28), f"{split}_images has shape {imgs.shape}, not (N, 28, 28)"),
+        (imgs.shape[1:] != shape, f"{split}_images has shape {imgs.shape}, not (N, "
+                                  f"{', '.join(map(str, shape))})"),
         (labels.shape not in ((n, 1), (n,)),
          f"{split}_labels has shape {labels.shape}, not ({n}, 1)"),
         (not np.isin(labels, (0, 1)).all(), f"{split}_labels holds values other than 0 and 1"),
         (n == 0, f"the {split} split is empty")] if bad]
     if problems:
-        raise UserError(f"{path} does not look like PneumoniaMNIST: {'; '.join(problems)}. Replace "
-                        f"it with the official file (md5 {medmnist.INFO[DATASET]['MD5']}).")
+        raise UserError(f"{path} does not look like {info['python_class']}: "
+                        f"{'; '.join(problems)}. Replace it with the official file "
+                        f"(md5 {info['MD5' + size_suffix(cfg)]}).")
     return imgs, labels.reshape(-1)                  # medmnist gives labels as (N, 1): squeeze
 
 
@@ -298,12 +335,12 @@ def make_loader(x, y, batch_size, shuffle, seed=0):
 
 def load_data(cfg, device):
     """1.1: all three splits as device tensors in [0, 1], plus train/val/test DataLoaders."""
-    import medmnist
-    path = data_file(cfg)
+    info, path = dataset_info(cfg), data_file(cfg)
     xs, ys = {}, {}
     for split in ("train", "val", "test"):
-        imgs, labels = read_split(split, path)
-        xs[split] = torch.from_numpy(imgs).float().div(255).unsqueeze(1)
+        imgs, labels = read_split(split, path, cfg)
+        x = torch.from_numpy(imgs).float().div(255)
+        xs[split] = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)   # (N, C, H, W)
         ys[split] = torch.from_numpy(labels).float()
     if len(ys["train"].unique()) < 2:
         raise UserError(f"the training split of {path} holds one class only; a binary "
@@ -316,10 +353,9 @@ def load_data(cfg, device):
     ys = {k: v.to(device) for k, v in ys.items()}
     loaders = {split: make_loader(xs[split], ys[split], cfg.batch_size, split == "train", cfg.seed)
                for split in xs}
-    labels = medmnist.INFO[DATASET]["label"]
-    return Data(x=xs, y=ys, loaders=loaders, class_names=[labels[str(i)] for i in range(2)],
+    return Data(x=xs, y=ys, loaders=loaders, class_names=[info["label"][str(i)] for i in range(2)],
                 mean=xs["train"].mean().item(), std=xs["train"].std().item(),
-                source=check_md5(path))
+                source=check_md5(path, cfg), name=info["python_class"])
 
 
 def augment(x, cfg):
@@ -359,7 +395,7 @@ def plot_samples(data, path, per_class=8):
         for ax, i in zip(row, idx):
             show_image(ax, data.x["train"][i].cpu())
         row[0].set_title(f"{data.class_names[label]} (label {label})", fontsize=9, loc="left")
-    fig.suptitle("PneumoniaMNIST training samples per class")
+    fig.suptitle(f"{data.name} training samples per class")
     save_figure(fig, path)
 
 
@@ -435,15 +471,16 @@ class SimpleCNN(nn.Module):
       4,708 images; one output logit with BCE-with-logits is the natural binary head.
     """
 
-    def __init__(self, channels=(32, 64, 128), hidden=128, dropout=0.3):
+    def __init__(self, in_channels=1, channels=(32, 64, 128), hidden=128, dropout=0.3):
         super().__init__()
-        blocks, c_in = [], 1
+        blocks, c_in = [], in_channels
         for c_out in channels:
             blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                                         nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)))
             c_in = c_out
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+        # At 28 px the last map is already 3x3; at larger --size the pool brings it to 3x3.
+        self.classifier = nn.Sequential(nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Dropout(dropout),
                                         nn.Linear(c_in * 3 * 3, hidden), nn.ReLU(),
                                         nn.Dropout(dropout), nn.Linear(hidden, 1))
 
@@ -626,8 +663,8 @@ def gray_conv1(conv):
     return gray
 
 
-def build_resnet18(state_dict=None):
-    """3.1: torchvision's ResNet18 for 1-channel 28x28 input and one output logit.
+def build_resnet18(state_dict=None, in_channels=1, size=28):
+    """3.1: torchvision's ResNet18 for in_channels x size x size input and one output logit.
 
     Input size / stem: torchvision's stem (7x7 stride-2 conv, then a stride-2 max-pool) shrinks
     28x28 to 7x7 before layer1, and layer4 ends at 1x1: every spatial detail is gone and a
@@ -637,12 +674,15 @@ def build_resnet18(state_dict=None):
     cores ours trains 200-240 images/s over several runs: 2.4-2.7x slower than torchvision's
     degenerate stem and 3.5-3.8x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
     paper (layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
+    From --size 64 on, torchvision's own stem is kept: layer4 is then 2x2 at 64 and 7x7 at 224.
     """
     model = torchvision.models.resnet18()
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    model.conv1 = gray_conv1(model.conv1)
-    model.maxpool = nn.Identity()
+    if in_channels == 1:
+        model.conv1 = gray_conv1(model.conv1)
+    if size < 64:
+        model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, 1)
     return model
 
@@ -872,7 +912,7 @@ def operating_thresholds(val_labels, val_probs, cfg):
                 screening_threshold(val_labels, val_probs, cfg.screening_recall)}
 
 
-def plot_calibration(labels, probs, path, title):
+def plot_calibration(labels, probs, class_names, path, title):
     """4.2: reliability diagram (10 equal-width bins) with the Brier score, and the histograms."""
     from sklearn.calibration import CalibrationDisplay
     fig = Figure(figsize=(10, 4.2), layout="constrained")
@@ -881,10 +921,10 @@ def plot_calibration(labels, probs, path, title):
     CalibrationDisplay.from_predictions(labels, probs, n_bins=10, ax=ax_rel,
                                         name=f"test (Brier {brier:.3f})")
     ax_rel.set_title("Reliability diagram")
-    for label, name in ((0, "normal"), (1, "pneumonia")):
+    for label, name in enumerate(class_names):
         ax_hist.hist(probs[labels == label], bins=20, range=(0, 1), alpha=0.6, label=name)
     ax_hist.set_yscale("log")
-    ax_hist.set_xlabel("predicted P(pneumonia)")
+    ax_hist.set_xlabel(f"predicted P({class_names[1]})")
     ax_hist.set_ylabel("test images (log)")
     ax_hist.set_title("Predicted probabilities by true class")
     ax_hist.legend()
@@ -1027,16 +1067,15 @@ def plot_gradcam(models, test_probs, data, idx, path):
     """5.2: the X-rays, then a row of Grad-CAM overlays per trained model with its prediction."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
     x = data.x["test"][idx]
-    gray = x.cpu().numpy()[:, 0]
+    images = [as_rgb(img) for img in x.cpu().numpy()]
     labels = data.y["test"][idx].cpu().numpy().astype(int)
     fig = Figure(figsize=(2.1 * len(idx), 2.4 * (len(models) + 1)))
     axes = fig.subplots(len(models) + 1, len(idx), squeeze=False)
-    for ax, img, y in zip(axes[0], gray, labels):
+    for ax, img, y in zip(axes[0], x.cpu().numpy(), labels):
         show_image(ax, img, f"true: {data.class_names[y]}")
     for row, (name, model) in zip(axes[1:], models.items()):
         maps = gradcam_maps(name, model, x, data)
-        for ax, img, cam_map, y, p in zip(row, gray, maps, labels, test_probs[name][idx]):
-            rgb = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
+        for ax, rgb, cam_map, y, p in zip(row, images, maps, labels, test_probs[name][idx]):
             ax.imshow(show_cam_on_image(rgb, cam_map, use_rgb=True, image_weight=0.6))
             ax.set_axis_off()
             pred = int(p >= 0.5)
@@ -1044,7 +1083,8 @@ def plot_gradcam(models, test_probs, data, idx, path):
                          color="black" if pred == y else "tab:red")
         row[0].text(-0.08, 0.5, MODEL_NAMES[name], transform=row[0].transAxes, rotation=90,
                     ha="right", va="center", fontsize=9)
-    fig.suptitle("Grad-CAM of the pneumonia logit on test X-rays (red title: wrong prediction)")
+    fig.suptitle(f"Grad-CAM of the {data.class_names[1]} logit on test images "
+                 "(red title: wrong prediction)")
     save_figure(fig, path)
 
 
@@ -1103,7 +1143,8 @@ def run(cfg):
     # ---- Part 1 ------------------------------------------------------------------------------
     for split in ("train", "val", "test"):
         y = data.y[split]
-        print(f"{split}: {len(y)} images, {int(y.sum())} pneumonia ({y.mean().item():.1%})")
+        print(f"{split}: {len(y)} images, {int(y.sum())} {data.class_names[1]} "
+              f"({y.mean().item():.1%})")
     plot_samples(data, out / "part1_samples.png")
     plot_class_distribution(data, out / "part1_class_distribution.png")
     plot_augmentation(data, cfg, out / "part1_augmentation.png")
@@ -1124,19 +1165,22 @@ def run(cfg):
                   file=sys.stderr)
             results[name] = dict(status="failed", reason=f"failed: {err}")
 
-    train("simple_cnn", SimpleCNN, [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)])
+    channels = data.x["train"].shape[1]
+    train("simple_cnn", lambda: SimpleCNN(channels), [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)])
     plot_training_curves({"simple_cnn": results["simple_cnn"]}, out / "part2_training_curves.png",
                          "Part 2.3: Simple CNN training curves")
 
     # ---- Part 3 ------------------------------------------------------------------------------
-    stem_speed = time_stems(device, batch=16 if cfg.quick else 64, steps=1 if cfg.quick else 4)
+    stem_speed = (time_stems(device, batch=16 if cfg.quick else 64, steps=1 if cfg.quick else 4)
+                  if cfg.size == 28 else "not measured: the stem choice matters at 28 px only")
     print("ResNet18 training images/s by stem:", stem_speed)
-    train("resnet18_scratch", build_resnet18, [Stage("train", cfg.resnet_epochs, cfg.resnet_lr)])
+    train("resnet18_scratch", lambda: build_resnet18(None, channels, cfg.size),
+          [Stage("train", cfg.resnet_epochs, cfg.resnet_lr)])
     if imagenet_state is None:
         print(f"ResNet18 (pretrained): {skip_reason}")
         results["resnet18_pretrained"] = dict(status="skipped", reason=skip_reason)
     else:
-        train("resnet18_pretrained", lambda: build_resnet18(imagenet_state),
+        train("resnet18_pretrained", lambda: build_resnet18(imagenet_state, channels, cfg.size),
               [Stage("frozen", cfg.head_epochs, cfg.head_lr, head_only=True),
                Stage("unfrozen", cfg.finetune_epochs, cfg.finetune_lr)])
     if not models:
@@ -1169,8 +1213,10 @@ def run(cfg):
     test_images = data.x["test"].cpu().numpy()
     plot_error_analysis(test_images, test_labels, test_probs[best],
                         out / "part4_error_analysis.png",
-                        f"{best_title}: most confident cases per outcome, p = P(pneumonia)")
-    plot_calibration(test_labels, test_probs[best], out / "part4_calibration.png", best_title)
+                        f"{best_title}: most confident cases per outcome, "
+                        f"p = P({data.class_names[1]})")
+    plot_calibration(test_labels, test_probs[best], data.class_names,
+                     out / "part4_calibration.png", best_title)
     operating_points = {name: dict(threshold=t, **binary_metrics(test_labels, test_probs[best], t))
                         for name, t in operating.items()}
     print(f"best model by validation AUC: {MODEL_NAMES[best]}; operating points "
@@ -1182,7 +1228,7 @@ def run(cfg):
     plot_gradcam(ordered, test_probs, data, pick_gradcam_images(test_labels, test_probs[best]),
                  out / "part5_gradcam.png")
 
-    summary = dict(dataset=DATASET, size=int(data.x["train"].shape[-1]), device=str(device),
+    summary = dict(dataset=cfg.dataset, size=cfg.size, device=str(device),
                    seed=cfg.seed, quick=cfg.quick, torch=torch.__version__,
                    threads=torch.get_num_threads(), best_model=best,
                    operating_points=operating_points, auc_difference_vs_best=differences,

@@ -24,13 +24,14 @@ def synthetic_split(n, rng, size=28):
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels[:, None]
 
 
-def write_npz(folder, name="pneumoniamnist", seed=0):
-    """Write {name}.npz with medmnist's keys, shapes and dtypes; return its folder."""
+def write_npz(folder, name="pneumoniamnist", seed=0, size=28):
+    """Write medmnist's {name}.npz ({name}_{size}.npz) with its keys, shapes and dtypes."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in SPLIT_SIZES.items():
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_split(n, rng)
-    np.savez_compressed(Path(folder) / f"{name}.npz", **arrays)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_split(n, rng, size)
+    suffix = "" if size == 28 else f"_{size}"
+    np.savez_compressed(Path(folder) / f"{name}{suffix}.npz", **arrays)
     return Path(folder)
 
 

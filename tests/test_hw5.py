@@ -251,3 +251,39 @@ def test_stratified_bootstrap_keeps_class_counts_and_is_seeded():
     assert low <= skm.roc_auc_score(labels, probs) <= high
     same = H.paired_auc_differences({"a": draws, "b": draws}, "a")["b"]
     assert same["difference"] == 0 and same["best_ahead"] == 0
+
+
+@pytest.mark.parametrize("dataset, size", [("breastmnist", 28), ("pneumoniamnist", 64)])
+def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, offline):
+    from conftest import write_npz
+    import medmnist
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_npz(folder, name=dataset, size=size)
+    out = tmp_path / "out"
+    argv = ["--quick", "--epochs", "1", "--dataset", dataset, "--size", str(size),
+            "--data-dir", str(folder), "--outputs", str(out)]
+    assert H.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == dataset and m["size"] == size
+    assert m["data_file"]["path"].endswith(f"{dataset}{'' if size == 28 else f'_{size}'}.npz")
+    assert m["data_file"]["md5_expected"] == medmnist.INFO[dataset][
+        "MD5" + ("" if size == 28 else f"_{size}")]
+    assert all((out / name).exists() for name in OUTPUT_FILES)
+    data = H.load_data(H.Config(dataset=dataset, size=size, data_dir=str(folder)),
+                       torch.device("cpu"))
+    assert data.x["test"].shape[1:] == (1, size, size)
+    assert data.class_names == [medmnist.INFO[dataset]["label"][k] for k in ("0", "1")]
+    model = H.build_resnet18(None, 1, size)
+    H.fit(model, data, H.Config(), [H.Stage("train", 1, 1e-3)], "test")
+    maps = H.gradcam_maps("resnet18_scratch", model, data.x["test"][:2], data)
+    assert maps.shape == (2, size, size)
+
+
+@pytest.mark.parametrize("dataset", ["pathmnist", "chestmnist", "nodulemnist3d"])
+def test_non_binary_or_3d_datasets_are_refused(dataset, tmp_path, capsys):
+    code = H.main(["--dataset", dataset, "--data-dir", str(tmp_path), "--outputs",
+                   str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "binary datasets only" in err and "Traceback" not in err
