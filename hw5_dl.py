@@ -1266,8 +1266,8 @@ def main(argv=None):
 #    "screening" and "max Youden J" points in part4_roc_pr.png and metrics.json) and then check
 #    on a fresh, local validation set that it holds there: our test split shows how a threshold
 #    tuned on one distribution drifts on another (Part 4.2: the 0.95-recall threshold from
-#    validation misses more cases on test than Youden's lower one). Here we would deploy a
-#    threshold near 0.3, which kept test sensitivity at 0.99 for a specificity of 0.72.
+#    validation misses more cases on test than Youden's lower one). A threshold must be
+#    re-chosen on validation data from the deploying site, never read off a test set.
 #    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
 #    most dangerous in young children. A false positive costs a radiologist's second look,
 #    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. Because a
