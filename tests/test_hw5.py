@@ -110,11 +110,11 @@ def test_fit_restores_weights_of_best_validation_epoch(data):
     model = H.SimpleCNN()
     cfg = H.Config(patience=2)
     history, best = H.fit(model, data, cfg, [H.Stage("train", 4, 3e-3)], "test")
-    probs, labels = H.predict(model, data.loaders["val"], data)
+    logits, labels = H.predict_logits(model, data.loaders["val"], data)
     best_row = history[best - 1]
     assert min(h["val_loss"] for h in history) == best_row["val_loss"]
-    restored_loss = H.weighted_bce(probs, labels, data.pos_weight)
-    assert restored_loss == pytest.approx(best_row["val_loss"], abs=1e-5)
+    weighted_bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight))
+    assert weighted_bce(logits, labels).item() == pytest.approx(best_row["val_loss"], abs=1e-5)
     assert best_row["val_auc"] > 0.8                 # the synthetic signal is learnable
 
 
