@@ -670,7 +670,7 @@ def build_resnet18(state_dict=None, in_channels=1, size=28):
     Grad-CAM map there is a single number (blank). We keep the 7x7 stride-2 conv1 (so pretrained
     weights still fit) and drop the max-pool: layer1 runs at 14x14, layer3 at 4x4, layer4 at 2x2.
     Each run measures the cost (time_stems, metrics.json "stem_images_per_second"). On 2 CPU
-    cores ours trains 200-240 images/s over several runs: 2.4-2.7x slower than torchvision's
+    cores ours trains 200-270 images/s over several runs: 2.4-2.7x slower than torchvision's
     degenerate stem and 3.5-3.8x faster than the CIFAR-style 3x3 stride-1 stem of the MedMNIST
     paper (layer1 at 28x28, layer4 4x4). Grad-CAM uses layer3's 4x4 map (see Part 5).
     From --size 64 on, torchvision's own stem is kept: layer4 is then 2x2 at 64 and 7x7 at 224.
