@@ -66,6 +66,16 @@ def test_model_output_shapes():
     assert 2 <= n_conv <= 3 and 1 <= n_fc <= 2   # the rubric's architecture
 
 
+def test_trained_cnn_is_channels_last_and_computes_the_same():
+    torch.manual_seed(0)
+    reference = H.SimpleCNN().eval()
+    model = H.simple_cnn().eval()
+    model.load_state_dict(reference.state_dict())
+    assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
 def test_gray_conv1_matches_rgb_copy():
     torch.manual_seed(0)
     rgb = torchvision.models.resnet18().conv1
