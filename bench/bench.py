@@ -160,27 +160,33 @@ def mean_std(values):
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def per_seed(models):
+    """'ACC / AUC' of each seed's run of one model, comma-separated."""
+    return ", ".join(f"{m['test']['accuracy']:.3f} / {m['test']['auc']:.3f}" for m in models)
+
+
 def seed_table(runs):
     """3: markdown rows of test metrics per model, mean ± std over the seeds' runs."""
-    rows = ["| model | test ACC | test AUC | recall | specificity | train s | target ACC / AUC |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | test ACC | test AUC | recall | specificity | train s | target ACC / AUC "
+            "| ACC / AUC per seed |", "|---|---|---|---|---|---|---|---|"]
     for name, label in hw5_dl.MODEL_NAMES.items():
         trained = [r["models"][name] for r in runs if r["models"].get(name, {}).get("status")
                    == "trained"]
         if len(trained) < len(runs):
-            rows.append(f"| {label} | not run in every seed | | | | | |")
+            rows.append(f"| {label} | not run in every seed | | | | | | |")
             continue
         cell = lambda k: mean_std([m["test"][k] for m in trained])   # noqa: E731
         target = TARGETS.get(name)
         rows.append(f"| {label} | {cell('accuracy')} | {cell('auc')} | {cell('recall')} | "
                     f"{cell('specificity')} | "
                     f"{statistics.mean(m['train_seconds'] for m in trained):.0f} | "
-                    f"{'%.2f / %.3f' % target if target else ''} |")
+                    f"{'%.2f / %.3f' % target if target else ''} | {per_seed(trained)} |")
     best = [r["models"][r["best_model"]]["test"] for r in runs]
     rows.append(f"| best by val AUC ({', '.join(r['best_model'] for r in runs)}) | "
                 f"{mean_std([b['accuracy'] for b in best])} | {mean_std([b['auc'] for b in best])}"
                 f" | {mean_std([b['recall'] for b in best])} | "
-                f"{mean_std([b['specificity'] for b in best])} | | 0.93 / 0.980 |")
+                f"{mean_std([b['specificity'] for b in best])} | | 0.93 / 0.980 | "
+                f"{per_seed([r['models'][r['best_model']] for r in runs])} |")
     return rows
 
 
