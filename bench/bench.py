@@ -9,7 +9,7 @@ In one process, on one machine, it measures:
 2. the MedMNIST v2 recipe (ResNet-18 with a 3x3 stride-1 stem, Adam 1e-3, batch 128, no
    augmentation, 100 epochs): one epoch timed, times 100, against our ResNet18's training time;
 3. `hw5_dl.py --quick` and the default run for seeds 0, 1, 2: wall time, test metrics per model
-   (mean +- std) and the process's peak resident memory;
+   (mean +- std) and the peak resident memory during each run;
 and writes everything as markdown to bench/results/ with the machine, torch version and threads.
 Not part of the tests or CI: it reads the test split (through hw5_dl's own single read per model).
 """
@@ -40,12 +40,16 @@ TARGETS = {"simple_cnn": (0.92, 0.97), "resnet18_scratch": (0.92, 0.975)}
 
 
 def peak_rss_gb():
-    """This process's peak resident memory so far, in GB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """This process's peak resident memory so far, in GB (macOS reports bytes, Linux KiB)."""
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9
 
 
 class PeakMemory:
-    """The highest resident memory of this process inside a with-block, sampled every 50 ms."""
+    """The highest resident memory of this process inside a with-block, sampled every 50 ms.
+
+    Without /proc (not Linux) it reports the process's peak so far, an upper bound.
+    """
 
     def __enter__(self):
         self.gb, self._stop = 0.0, threading.Event()
@@ -55,13 +59,15 @@ class PeakMemory:
 
     def _sample(self):
         page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.wait(0.05):
+        while os.path.exists("/proc/self/statm") and not self._stop.wait(0.05):
             with open("/proc/self/statm") as f:
                 self.gb = max(self.gb, int(f.read().split()[1]) * page / 1e9)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        if not self.gb:
+            self.gb = peak_rss_gb()
 
 
 def naive_loader(data_dir, transform, batch_size):
