@@ -905,10 +905,10 @@ def write_comparison(results, best, differences, cfg, md_path, png_path):
 # same holds over seeds 0-2 (bench/results/cpu.md: AUC 0.963 +- 0.003 against 0.959 +- 0.003). The
 # ensemble adds nothing over the CNN alone (AUC 0.963). At 28x28 there is little fine structure for
 # ResNet18's 11M parameters (45x the CNN's) to exploit; its extra capacity fits the training
-# distribution more closely, which the shifted test split punishes, and it costs 4x the time. Fine-
-# tuning against training from scratch (3.2) needs ImageNet weights, which the committed run did not
-# have (README); with them, expect faster convergence in stage 2 and at best a small AUC gain at
-# this resolution (MedMNIST+ reports 0.95-0.97 for pretrained ResNet18/VGG16 at 28x28).
+# distribution more closely, which the shifted test split punishes, and it costs 4x the time.
+# Fine-tuning against training from scratch (3.2) needs ImageNet weights, which the committed run
+# did not have (README); with them, expect faster convergence in stage 2 and at best a small AUC
+# gain at this resolution (MedMNIST+ reports 0.95-0.97 for pretrained ResNet18/VGG16 at 28x28).
 
 
 # =============================================================================================
