@@ -80,9 +80,9 @@ class Config:
     patience: int = 8                # epochs without a lower val loss before stopping; must
     #   outlast the noisy high-rate first half of one-cycle (patience 5 stopped the CNN at epoch 9
     #   of 20 there: val AUC 0.9945, against 0.997 when it ran on into the annealing phase)
-    cnn_epochs: int = 20             # ~3 s an epoch on 2 CPU cores; val loss lowest at ~16
+    cnn_epochs: int = 20             # ~2 s an epoch on 2 CPU cores; val loss lowest at 12-19
     cnn_lr: float = 3e-3             # val AUC 0.997 (1e-3 for 30 epochs: 0.997, but 2x slower)
-    resnet_epochs: int = 10          # ~22 s an epoch on 2 CPU cores; val loss flat after ~9
+    resnet_epochs: int = 10          # ~20 s an epoch on 2 CPU cores; val loss flat after ~9
     resnet_lr: float = 1e-3          # val loss 0.038 / AUC 0.996 (2e-3: 0.044 / 0.995)
     head_epochs: int = 2             # fine-tuning stage 1: only the new classifier learns
     head_lr: float = 1e-3
