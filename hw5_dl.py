@@ -68,6 +68,7 @@ class Config:
     quick: bool = False
     pretrained_weights: str = ""     # a local torchvision ResNet18 state dict; "" = torchvision's
     batch_size: int = 128            # the rubric's suggestion; 37 steps an epoch on 4,708 images
+    train_images: int = 0            # 0 = the whole training split; N = a seeded stratified subset
     epochs: int = 0                  # 0 = the per-model defaults below; --epochs N caps every model
     # Augmentation (training split only), the rubric's three, each drawn per image.
     flip_prob: float = 0.5           # rubric item, though clinically questionable (see Part 1)
@@ -145,6 +146,9 @@ def parse_args(argv=None) -> Config:
                    help="maximum epochs per model (per stage for fine-tuning); default: "
                    "the per-model values in Config")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--train-images", type=positive_int, default=d.train_images, metavar="N",
+                   help="train on a seeded, stratified subset of N training images (val and "
+                   "test stay whole); default: the whole training split")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds Python, NumPy and torch")
     p.add_argument("--pretrained-weights", default=d.pretrained_weights, metavar="PATH",
                    help="local torchvision ResNet18 state dict (.pth); default: torchvision's "
@@ -349,6 +353,23 @@ def read_split(split, path, info, cfg):
     return imgs, labels.reshape(-1)                  # medmnist gives labels as (N, 1): squeeze
 
 
+def training_subset(labels, n_images, seed):
+    """Indices of a seeded subset of n_images that keeps the classes' proportions (stratified)."""
+    from sklearn.model_selection import train_test_split
+    if n_images > len(labels):
+        raise UserError(f"--train-images {n_images} asks for more than the training split's "
+                        f"{len(labels)} images; pass a smaller number or leave the flag out.")
+    if n_images == len(labels):
+        return torch.arange(n_images)
+    try:
+        keep, _ = train_test_split(np.arange(len(labels)), train_size=n_images, stratify=labels,
+                                   random_state=seed)
+    except ValueError as err:   # fewer images than classes
+        raise UserError(f"--train-images {n_images} cannot hold both classes ({brief(err)}); "
+                        "pass a larger number.") from None
+    return torch.from_numpy(np.sort(keep))
+
+
 def make_loader(x, y, batch_size, shuffle, seed=0):
     """A DataLoader that indexes whole batches from in-memory tensors (no per-image Python)."""
     ds = TensorDataset(x, y)
@@ -371,9 +392,10 @@ def load_data(cfg, device):
     if len(ys["train"].unique()) < 2:
         raise UserError(f"the training split of {path} holds one class only; a binary "
                         f"classifier needs both. Use the official {info['python_class']} file.")
-    if cfg.quick:   # a seeded random subset keeps both classes in their natural proportion
-        keep = torch.randperm(len(ys["train"]), generator=torch.Generator().manual_seed(cfg.seed))
-        keep = keep[:cfg.quick_train_images]
+    n_train = cfg.train_images or (min(cfg.quick_train_images, len(ys["train"])) if cfg.quick
+                                   else 0)
+    if n_train:
+        keep = training_subset(ys["train"].numpy(), n_train, cfg.seed)
         xs["train"], ys["train"] = xs["train"][keep], ys["train"][keep]
     xs = {k: v.to(device) for k, v in xs.items()}
     ys = {k: v.to(device) for k, v in ys.items()}
