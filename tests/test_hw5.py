@@ -1,6 +1,8 @@
 """Offline tests of hw5_dl on synthetic data written in medmnist's npz format."""
 import json
+import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -118,8 +120,9 @@ def test_early_stopping_stops_and_restores_best_weights():
 def test_fit_restores_weights_of_best_validation_epoch(data):
     torch.manual_seed(0)
     model = H.SimpleCNN()
-    cfg = H.Config(patience=2)
-    history, best = H.fit(model, data, cfg, [H.Stage("train", 4, 3e-3)], "test")
+    cfg = H.Config(plateau_steps=4, warmup_steps=4)                   # 4 steps an epoch
+    history, best, planned = H.fit(model, data, cfg, [H.Stage("train", 16, 3e-3)], "test")
+    assert planned == 4
     logits, labels = H.predict_logits(model, data.loaders["val"], data)
     best_row = history[best - 1]
     assert min(h["val_loss"] for h in history) == best_row["val_loss"]
@@ -159,7 +162,7 @@ def test_screening_threshold_reaches_recall_on_validation():
 def test_gradcam_map_is_not_constant(data):
     torch.manual_seed(0)
     for name, model in [("simple_cnn", H.SimpleCNN()), ("resnet18_scratch", H.build_resnet18())]:
-        H.fit(model, data, H.Config(), [H.Stage("train", 2, 3e-3)], name)
+        H.fit(model, data, H.Config(min_epochs=1), [H.Stage("train", 8, 3e-3)], name)
         maps = H.gradcam_maps(name, model, data.x["test"][:4], data)
         assert maps.shape == (4, 28, 28)
         assert max(m.std() for m in maps) > 0.01, name
@@ -178,15 +181,22 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "pneumoniamnist" and m["size"] == 28 and m["quick"] is True
     assert m["device"] == "cpu" and m["seed"] == 0 and m["total_seconds"] > 0
-    assert m["best_model"] in m["models"]
+    assert m["best_model"] in m["models"] and m["best_model"] != "ensemble"
+    assert m["selection"]["leader"] in m["selection"]["tied"] and m["best_model"] in \
+        m["selection"]["tied"]
     for name in ("simple_cnn", "resnet18_scratch", "resnet18_pretrained"):
         r = m["models"][name]
         assert r["status"] == "trained" and r["params"] > 0 and r["epochs_trained"] >= 1
         assert r["train_seconds"] > 0 and set(r["val"]) >= {"accuracy", "auc"}
+        assert 1 <= r["best_epoch"] <= r["epochs_trained"] <= r["max_epochs"]
+        assert r["stopped_early"] == (r["epochs_trained"] < r["max_epochs"])
+        assert r["val_loss"] == r["history"][r["best_epoch"] - 1]["val_loss"]
+        assert all(h["lr"] > 0 for h in r["history"]) and r["train_images_per_second"] > 0
         assert set(r["test"]) >= {"accuracy", "auc", "precision", "recall", "specificity",
                                   "f1", "ap"}
     stages = [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]]
-    assert stages == ["frozen", "unfrozen"]
+    assert stages[0] == "frozen" and stages[-1] == "unfrozen"        # stage 1, then stage 2
+    assert stages == sorted(stages)
     ensemble = m["models"]["ensemble"]
     assert ensemble["members"] == ["simple_cnn", "resnet18_scratch", "resnet18_pretrained"]
     for r in m["models"].values():
@@ -286,7 +296,7 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
     assert data.x["test"].shape[1:] == (1, size, size)
     assert data.class_names == [medmnist.INFO[dataset]["label"][k] for k in ("0", "1")]
     model = H.build_resnet18(None, 1, size)
-    H.fit(model, data, H.Config(), [H.Stage("train", 1, 1e-3)], "test")
+    H.fit(model, data, H.Config(min_epochs=1), [H.Stage("train", 4, 1e-3)], "test")
     maps = H.gradcam_maps("resnet18_scratch", model, data.x["test"][:2], data)
     assert maps.shape == (2, size, size)
 
@@ -297,3 +307,81 @@ def test_non_binary_or_3d_datasets_are_refused(dataset, tmp_path, capsys):
                    str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "binary datasets only" in err and "Traceback" not in err
+
+
+def test_step_budget_gives_a_small_split_as_many_updates():
+    cfg = H.Config()
+    full, small = H.epoch_budget(cfg.cnn_steps, 36, cfg), H.epoch_budget(cfg.cnn_steps, 4, cfg)
+    assert full * 36 >= cfg.cnn_steps and small * 4 >= cfg.cnn_steps   # the whole budget fits
+    assert small * 4 - cfg.cnn_steps < 4                              # and not much more
+    assert H.epoch_budget(cfg.cnn_steps, 10_000, cfg) == cfg.min_epochs  # a huge split: floor
+    assert H.epoch_budget(cfg.cnn_steps, 4, H.Config(epochs=7)) == 7     # --epochs caps it
+    plateau = H.plateau_epochs(cfg, 36)                                  # whole epochs, rounded up
+    assert plateau * 36 >= cfg.plateau_steps > (plateau - 1) * 36
+    assert H.plateau_epochs(cfg, 4) == math.ceil(cfg.plateau_steps / 4)
+
+
+def test_fit_on_a_tiny_split_takes_the_step_budget(data):
+    tiny = H.training_subset(data.y["train"].numpy(), 40, seed=0)       # 40 images
+    small = replace(data, loaders={**data.loaders, "train": H.make_loader(
+        data.x["train"][tiny], data.y["train"][tiny], 16, shuffle=True)})  # 2 steps an epoch
+    torch.manual_seed(0)
+    cfg = H.Config(plateau_steps=1000, warmup_steps=2)                  # no stop: use the budget
+    history, best, planned = H.fit(H.SimpleCNN(), small, cfg, [H.Stage("train", 30, 3e-3)], "t")
+    assert planned == 15 and len(history) == 15                          # 30 steps, 2 an epoch
+    assert 1 <= best <= 15
+
+
+def test_fit_stops_early_when_val_loss_stalls(data, monkeypatch):
+    monkeypatch.setattr(H, "train_epoch", lambda *args: (0.5, 0.5))   # weights never change
+    cfg = H.Config(plateau_steps=3 * len(data.loaders["train"]))      # a plateau is 3 epochs
+    history, best, planned = H.fit(H.SimpleCNN(), data, cfg, [H.Stage("train", 10**4, 1e-3)], "t")
+    assert planned > 1000 and best == 1                                # epoch 1 is never beaten
+    assert len(history) == 1 + 2 * 3                                   # stopped after 2 plateaus
+    lrs = [h["lr"] for h in history]
+    assert lrs[4] == pytest.approx(lrs[3] * cfg.lr_drop)               # 3 stalled epochs: rate/10
+    assert lrs[:4] == [lrs[0]] * 4
+
+
+def test_training_subset_is_stratified_and_seeded():
+    labels = np.array([0] * 300 + [1] * 700)
+    a, b = H.training_subset(labels, 100, 0), H.training_subset(labels, 100, 0)
+    assert torch.equal(a, b) and len(a) == 100 and len(set(a.tolist())) == 100
+    assert labels[a.numpy()].sum() == 70                                # the class ratio holds
+    assert not torch.equal(a, H.training_subset(labels, 100, 1))
+    assert torch.equal(H.training_subset(labels, 1000, 0), torch.arange(1000))
+    with pytest.raises(H.UserError, match="more than"):
+        H.training_subset(labels, 1001, 0)
+
+
+def choice_for(val_labels, probs, losses):
+    """choose_best on made-up validation predictions and losses."""
+    results = {k: dict(val=dict(auc=skm.roc_auc_score(val_labels, p)), val_loss=losses[k])
+               for k, p in probs.items()}
+    return H.choose_best(list(probs), results, probs, val_labels, H.Config(bootstrap_resamples=300))
+
+
+def test_selection_breaks_val_auc_ties_by_val_loss():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 58)                             # 78 images, like BreastMNIST
+    base = labels * 0.5 + rng.random(78) * 0.7
+    nudged = base + rng.normal(0, 0.05, 78)                            # a few ranks change
+    probs = {"simple_cnn": base, "resnet18_scratch": nudged}
+    aucs = {k: skm.roc_auc_score(labels, p) for k, p in probs.items()}
+    leader = max(aucs, key=aucs.get)
+    other = min(aucs, key=aucs.get)
+    best, choice = choice_for(labels, probs, {leader: 0.30, other: 0.20})
+    assert choice["leader"] == leader and set(choice["tied"]) == set(probs)
+    assert best == other                                               # tie: the lower val loss
+    text = H.describe_choice(choice, {k: dict(val=dict(auc=a)) for k, a in aucs.items()})
+    assert "cannot separate" in text and H.MODEL_NAMES[other] in text
+
+
+def test_selection_keeps_a_clear_val_auc_leader():
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 130 + [1] * 390)
+    good = labels * 0.8 + rng.random(520) * 0.5
+    poor = labels * 0.2 + rng.random(520) * 0.8
+    best, choice = choice_for(labels, {"simple_cnn": poor, "resnet18_scratch": good},
+                              {"simple_cnn": 0.1, "resnet18_scratch": 0.9})
+    assert best == "resnet18_scratch" and choice["tied"] == ["resnet18_scratch"]
