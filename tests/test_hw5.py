@@ -385,3 +385,20 @@ def test_selection_keeps_a_clear_val_auc_leader():
     best, choice = choice_for(labels, {"simple_cnn": poor, "resnet18_scratch": good},
                               {"simple_cnn": 0.1, "resnet18_scratch": 0.9})
     assert best == "resnet18_scratch" and choice["tied"] == ["resnet18_scratch"]
+
+
+def test_a_run_that_never_stalls_is_annealed_before_its_budget_ends(data, monkeypatch):
+    monkeypatch.setattr(H, "train_epoch", lambda *args: (0.5, 0.5))
+    calls = iter(range(1, 100))
+    y = data.y["val"]
+
+    def improving_logits(*args):                  # the val loss falls every epoch: never stalls
+        return (2 * y - 1) * 0.3 * next(calls), y
+    monkeypatch.setattr(H, "predict_logits", improving_logits)
+    cfg = H.Config(plateau_steps=3 * len(data.loaders["train"]), warmup_steps=1)
+    steps = 10 * len(data.loaders["train"])
+    history, best, planned = H.fit(H.SimpleCNN(), data, cfg, [H.Stage("train", steps, 1e-3)], "t")
+    assert planned == len(history) == 10 and best == 10                  # ran the whole budget
+    lrs = [h["lr"] for h in history]
+    assert lrs[7] == pytest.approx(lrs[6] * cfg.lr_drop)                # dropped after epoch 7
+    assert lrs[:7] == [lrs[0]] * 7
