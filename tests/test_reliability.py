@@ -133,8 +133,16 @@ def test_read_only_outputs_exit_2(data_dir, tmp_path, capsys, offline, monkeypat
     assert code == 2 and "error: --outputs" in err
 
 
+@pytest.mark.parametrize("n_images", ["100000", "1"])
+def test_impossible_training_subset_exits_2(n_images, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main(["--train-images", n_images, "--data-dir", str(data_dir),
+                          "--outputs", str(out)], capsys)
+    assert_clean_failure(code, err, out, f"--train-images {n_images}")
+
+
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--batch-size", "-1"], ["--epochs", "x"],
-                                  ["--device", "tpu"], ["--seed", "1.5"]])
+                                  ["--train-images", "0"], ["--device", "tpu"], ["--seed", "1.5"]])
 def test_impossible_arguments_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         H.parse_args(argv)
