@@ -1,4 +1,4 @@
-"""Benchmark for issue #3: is hw5_dl.py's default run fast and strong, and by how much?
+"""Benchmark: is hw5_dl.py's default run fast and strong, and by how much?
 
     python bench/bench.py --data-dir ../shared/data      # ~25 minutes on 2 CPU cores
 
