@@ -80,7 +80,7 @@ class Config:
     contrast: float = 0.2            # factor in [0.8, 1.2]: so does the window/level
     # Optimisation: AdamW (the rubric's Adam with decoupled weight decay). Training length is a
     # budget of optimiser steps, turned into epochs for the data at hand: PneumoniaMNIST's 4,708
-    # images make 36 steps an epoch, a 546-image split 4, and both get the same number of updates.
+    # images make 36 steps an epoch, a 546-image split 4, and both get the same budget of updates.
     # The budget is a cap; early stopping on validation loss ends training first. The schedule is
     # one under which stopping at any epoch is sound: a linear warm-up, then a constant rate that
     # drops 10x each time the val loss has stalled for `plateau_steps` (and, if it never has, one
@@ -104,7 +104,7 @@ class Config:
     # Evaluation.
     screening_recall: float = 0.95   # the screening threshold keeps this recall on validation
     thresholds: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
-    bootstrap_resamples: int = 1000  # stratified test resamples for the 95% intervals
+    bootstrap_resamples: int = 1000  # stratified resamples: test intervals, the choice on val
     quick_train_images: int = 512    # --quick trains on this many training images
 
 
