@@ -598,7 +598,7 @@ def epoch_budget(steps, steps_per_epoch, cfg):
 
 
 def plateau_epochs(cfg, steps_per_epoch):
-    """2.2: the plateau length in epochs: val-loss stalls this long lower the rate 10x."""
+    """2.2: the plateau length in epochs: a val-loss stall this long lowers the rate (lr_drop)."""
     return max(1, math.ceil(cfg.plateau_steps / steps_per_epoch))
 
 
@@ -931,7 +931,7 @@ def choose_best(models, results, val_probs, val_labels, cfg):
                       val_loss={k: results[k]["val_loss"] for k in tied})
 
 
-def describe_choice(choice, results):
+def describe_choice(best, choice, results):
     """3.3: one paragraph on how the best model was chosen on validation and how sure that is."""
     leader, lead = choice["leader"], choice["val_auc_lead"]
     auc = lambda k: results[k]["val"]["auc"]   # noqa: E731
@@ -944,7 +944,6 @@ def describe_choice(choice, results):
     if len(choice["tied"]) == 1:
         return text + f"No other model comes within the noise: {MODEL_NAMES[leader]} is chosen."
     losses = ", ".join(f"{MODEL_NAMES[k]} {v:.4f}" for k, v in choice["val_loss"].items())
-    best = min(choice["val_loss"], key=choice["val_loss"].get)
     return text + (f"The validation split cannot separate {len(choice['tied'])} models (interval "
                    f"reaches 0), so the lower val loss decides ({losses}): {MODEL_NAMES[best]}.")
 
@@ -981,7 +980,7 @@ def write_comparison(results, best, differences, choice, cfg, md_path, png_path)
     """3.3: the comparison table as markdown and as a PNG; returns the markdown."""
     rows = comparison_rows(results)
     lines = describe_differences(best, differences)
-    chosen = describe_choice(choice, results)
+    chosen = describe_choice(best, choice, results)
     md = "\n".join("| " + " | ".join(row) + " |" for row in
                    [COMPARISON_HEADER, ["---"] * len(COMPARISON_HEADER), *rows])
     md += (f"\n\nTest metrics at threshold 0.5, with stratified bootstrap 95% intervals "

@@ -373,7 +373,7 @@ def test_selection_breaks_val_auc_ties_by_val_loss():
     best, choice = choice_for(labels, probs, {leader: 0.30, other: 0.20})
     assert choice["leader"] == leader and set(choice["tied"]) == set(probs)
     assert best == other                                               # tie: the lower val loss
-    text = H.describe_choice(choice, {k: dict(val=dict(auc=a)) for k, a in aucs.items()})
+    text = H.describe_choice(best, choice, {k: dict(val=dict(auc=a)) for k, a in aucs.items()})
     assert "cannot separate" in text and H.MODEL_NAMES[other] in text
 
 
