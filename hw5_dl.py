@@ -437,7 +437,9 @@ def augment(x, cfg):
     theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1),
                          torch.stack([sin * flip, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Reflection fills the corners a rotation uncovers with nearby anatomy; zeros would paint
+    # black triangles that no real film has (and a network could learn to key on).
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def standardize(x, data):
