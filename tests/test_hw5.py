@@ -18,7 +18,7 @@ OUTPUT_FILES = ["part1_samples.png", "part1_class_distribution.png", "part1_augm
                 "part3_model_comparison.png", "part3_model_comparison.md",
                 "part4_confusion_matrix.png", "part4_roc_pr.png", "part4_error_analysis.png",
                 "part4_calibration.png",
-                "part5_filters.png", "part5_gradcam.png", "metrics.json"]
+                "part5_filters.png", "part5_gradcam.png", "summary.md", "metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,17 @@ def test_screening_threshold_reaches_recall_on_validation():
     assert skm.recall_score(labels, probs >= higher) < 0.95
 
 
+def test_screening_threshold_buys_recall_when_half_already_meets_the_target():
+    labels = np.array([0] * 50 + [1] * 100)
+    probs = np.r_[np.linspace(0.0, 0.45, 50), [0.3, 0.4], np.linspace(0.55, 1.0, 98)]
+    assert skm.recall_score(labels, probs >= 0.5) == 0.98       # 0.5 keeps 0.95 already
+    t = H.screening_threshold(labels, probs, 0.95)
+    assert t < 0.5 and skm.recall_score(labels, probs >= t) > 0.98
+    assert t == 0.4                                             # one more positive, no further
+    everyone = np.r_[np.linspace(0.0, 0.45, 50), np.linspace(0.7, 1.0, 100)]
+    assert H.screening_threshold(labels, everyone, 0.95) <= 0.5  # 0.5 finds all: not above it
+
+
 def test_gradcam_map_is_not_constant(data):
     torch.manual_seed(0)
     for name, model in [("simple_cnn", H.SimpleCNN()), ("resnet18_scratch", H.build_resnet18())]:
@@ -166,6 +177,8 @@ def test_gradcam_map_is_not_constant(data):
         maps = H.gradcam_maps(name, model, data.x["test"][:4], data)
         assert maps.shape == (4, 28, 28)
         assert max(m.std() for m in maps) > 0.01, name
+        normal = H.gradcam_maps(name, model, data.x["test"][:4], data, classes=[0] * 4)
+        assert not np.allclose(maps, normal), name       # each class has its own evidence
 
 
 def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path, monkeypatch):
@@ -206,7 +219,13 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     assert set(m["auc_difference_vs_best"]) == set(m["models"]) - {m["best_model"]}
     assert len(m["operating_points"]) == 3
     for op in m["operating_points"].values():
-        assert {"threshold", "recall", "specificity", "precision", "npv", "fn"} <= set(op)
+        assert {"threshold", "val_recall", "recall", "specificity", "precision", "npv",
+                "fn"} <= set(op)
+    half, screening = m["operating_points"]["0.5"], list(m["operating_points"].values())[-1]
+    assert screening["threshold"] <= 0.5
+    assert screening["val_recall"] > half["val_recall"] or half["val_recall"] == 1
+    summary = (out / "summary.md").read_text()
+    assert f"t = {screening['threshold']:.3f}" in summary and "smoke run" in summary
     assert "ResNet18 (pretrained)" in (out / "part3_model_comparison.md").read_text()
 
 
@@ -240,11 +259,15 @@ def test_unavailable_device_is_a_clear_error(tmp_path, data_dir, capsys):
     assert code == 2 and f"--device {missing}" in capsys.readouterr().err
 
 
-def test_impossible_numbers_are_rejected_by_argparse():
-    for argv in (["--epochs", "0"], ["--batch-size", "-1"]):
+def test_impossible_numbers_are_rejected_by_argparse(capsys):
+    for argv in (["--epochs", "0"], ["--batch-size", "-1"], ["--seed", "-1"],
+                 ["--seed", str(2**32)]):
         with pytest.raises(SystemExit) as exc:
             H.parse_args(argv)
         assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {argv[0]}: must be" in err and "Traceback" not in err
+    assert H.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
 def test_youden_threshold_maximises_j_on_validation():
