@@ -654,13 +654,14 @@ def part2_simple_cnn(data, cfg, out):
 # the val loss stalls at the peak rate, falls with the training loss after the first rate drop
 # and then flattens rather than climbing, with train and val accuracy within about a point at the
 # restored epoch: no overfitting within this budget, consistent with the regularisation in place
-# (augmentation, dropout, weight decay) and the rate drops. Cut to 546 images (bench/results/runs/) overfitting does appear: the
-# training loss falls towards zero while the val loss climbs from its minimum, and early stopping
-# ends the run two plateaus after its best epoch, which it restores. Training loss and accuracy
-# are measured on augmented batches with dropout on, so they understate the fit a little against
-# the clean, eval-mode validation pass. The large gap that does exist is between validation
-# (~0.97 accuracy) and test (~0.89): the test split comes from another source split of the
-# original data set, so it measures a dataset shift, not overfitting, and nothing is tuned on it.
+# (augmentation, dropout, weight decay) and the rate drops. Cut to 546 images (bench/results/
+# runs/) overfitting does appear: the training loss falls towards zero while the val loss climbs
+# from its minimum, and early stopping ends the run two plateaus after its best epoch, which it
+# restores. Training loss and accuracy are measured on augmented batches with dropout on, so
+# they understate the fit a little against the clean, eval-mode validation pass. The large gap
+# that does exist is between validation (~0.97 accuracy) and test (~0.89): the test split comes
+# from another source split of the original data set, so it measures a dataset shift, not
+# overfitting, and nothing is tuned on it.
 
 
 # =============================================================================================
