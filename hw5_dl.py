@@ -12,8 +12,8 @@ outputs/metrics.json.
     python hw5_dl.py --quick                      # smoke run of every part, under a minute on a CPU
 
 Result (bench/results/recipe.md: seeds 0-2 on 2 CPU cores, test split, threshold 0.5): the model
-chosen on validation (the Simple CNN in every seed) reaches ACC 0.898 +- 0.006 / AUC 0.962 +- 0.002
-in a default run of 6-7 minutes; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
+chosen on validation (the Simple CNN in every seed) reaches ACC 0.897 +- 0.009 / AUC 0.965 +- 0.001
+in a default run of about 6 minutes; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, model selection and every threshold use the validation split; the test split is
 predicted once per model, right after its training.
 """
