@@ -13,7 +13,7 @@ outputs/metrics.json.
 
 Result (bench/results/recipe.md: seeds 0-2 on 2 CPU cores, test split, threshold 0.5): the model
 chosen on validation (the Simple CNN in every seed) reaches ACC 0.897 +- 0.009 / AUC 0.965 +- 0.001
-in a default run of about 6 minutes; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
+in a default run of about 7 minutes; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, model selection and every threshold use the validation split; the test split is
 predicted once per model, right after its training.
 """
@@ -253,7 +253,7 @@ def plot_class_distribution(data, path):
     ax.set_xticks(range(3), [f"{s} (n={len(data.y[s])})" for s in splits])
     ax.set_ylabel("number of images")
     ax.margins(y=0.2)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper right")
     ax.set_title("Class distribution per split")
     save_figure(fig, path)
 
@@ -534,7 +534,7 @@ def plot_training_curves(results, path, title):
     A model that did not train gets a row that says so, and why, in place of its curves.
     """
     heights = [1 if r["status"] == "trained" else 0.3 for r in results.values()]
-    fig = Figure(figsize=(11, 3.4 * sum(heights) + 0.5), layout="constrained")
+    fig = Figure(figsize=(13.5, 3.4 * sum(heights) + 0.5), layout="constrained")
     grid = fig.add_gridspec(len(results), 2, height_ratios=heights)
     for i, (name, result) in enumerate(results.items()):
         if result["status"] != "trained":
@@ -558,7 +558,7 @@ def plot_training_curves(results, path, title):
             ax.set_ylabel("accuracy" if metric == "acc" else "weighted BCE loss")
             ax.set_title(f"{MODEL_NAMES[name]}: {'accuracy' if metric == 'acc' else 'loss'}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))   # beside the row
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -622,7 +622,8 @@ def describe_training(name, result):
     history, best = result["history"], result["best_epoch"]
     at, last = history[best - 1], history[-1]
     drops = rate_drops(history)
-    drops = (f"learning rate ÷10 after epoch {', '.join(map(str, drops))}" if drops
+    drops = (f"learning rate ÷10 after epoch{'s' * (len(drops) > 1)} "
+             f"{', '.join(map(str, drops))}" if drops
              else "no rate drop")
     ending = (f"stopped early after epoch {len(history)} of {result['max_epochs']}, two plateaus "
               "without a lower val loss" if result["stopped_early"]
@@ -660,8 +661,8 @@ def part2_simple_cnn(data, cfg, out):
 # restores. Training loss and accuracy are measured on augmented batches with dropout on, so
 # they understate the fit a little against the clean, eval-mode validation pass. The large gap
 # that does exist is between validation (~0.97 accuracy) and test (~0.89): the test split comes
-# from another source split of the original data set, so it measures a dataset shift, not
-# overfitting, and nothing is tuned on it.
+# from another source split of the original data set, so it most likely measures a dataset
+# shift rather than overfitting (train and val agree), and nothing is tuned on it.
 
 
 # =============================================================================================
@@ -873,7 +874,8 @@ def write_comparison(results, best, differences, choice, cfg, md_path, png_path)
     chosen = describe_choice(best, choice, results)
     md = "\n".join("| " + " | ".join(row) + " |" for row in
                    [COMPARISON_HEADER, ["---"] * len(COMPARISON_HEADER), *md_rows])
-    md += (f"\n\nTest metrics at threshold 0.5, with stratified bootstrap 95% intervals "
+    md += (f"\n\nTest metrics at threshold 0.5; stratified bootstrap 95% intervals for "
+           f"accuracy, AUC, recall and specificity "
            f"({cfg.bootstrap_resamples:,} resamples, seed {cfg.seed}).\n\n"
            f"Model for Parts 4-5, chosen on validation: **{MODEL_NAMES[best]}**. {chosen}\n\n"
            f"Its test AUC against the others, paired bootstrap on the same test resamples:\n\n"
@@ -998,7 +1000,7 @@ def part3_compare(trained, data, cfg, out):
 # (ACC / AUC 0.897 / 0.965 against ResNet18's 0.892 / 0.964). Why the small network is enough:
 # at 28x28 there is little fine structure for ResNet18's 11M parameters (46x the CNN's) to
 # exploit; three conv blocks already see the whole chest, and the limit on test is the shift
-# between source splits, which no amount of capacity fixes. The CNN also trains about 6x faster.
+# between source splits, which no amount of capacity fixes. The CNN also trains about 5x faster.
 # The ensemble's mean probability is reported beside them; it cannot be chosen, since Parts 4-5
 # need one network.
 
@@ -1059,7 +1061,9 @@ def plot_calibration(labels, probs, class_names, path, title):
                                         name=f"test (Brier {brier:.3f})")
     ax_rel.set_xlabel(f"mean predicted P({class_names[1]}) in the bin")
     ax_rel.set_ylabel(f"fraction of the bin truly {class_names[1]}")
-    ax_rel.set_title("Reliability diagram (10 equal-width bins)")
+    ax_rel.set_title("Reliability diagram (10 equal-width bins;\nthe middle ones hold few "
+                     "images, see the histogram)", fontsize=10)
+    ax_rel.legend(loc="upper left")
     for label, name in enumerate(class_names):
         ax_hist.hist(probs[labels == label], bins=20, range=(0, 1), histtype="step", lw=2,
                      label=f"true {name}")
@@ -1139,8 +1143,8 @@ def plot_roc_pr(labels, probs, thresholds, zoom_on, class_names, path, title):
     handles, names = roc_full.get_legend_handles_labels()
     keep = [i for i, n in enumerate(names) if n in thresholds]
     fig.legend([handles[i] for i in keep], [names[i] for i in keep], loc="outside lower center",
-               ncols=4, fontsize=9, title="operating points (threshold t; the last two fixed on "
-               "validation)")
+               ncols=4, fontsize=9, title="operating points: threshold t; max Youden J and "
+               "screening were fixed on validation")
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -1242,13 +1246,13 @@ def describe_operating_points(points, class_names):
 # 4.3 Patterns in the errors (part4_error_analysis.png, most confident first; counts in
 # outputs/summary.md 4.1). Most errors are false positives: the test split has more normal films
 # (37.5%) than training (26%), and the model still leans towards pneumonia at 0.5, class weights
-# notwithstanding. In the committed figure the confident false positives (p = 1.00) are bright,
-# washed-out or low-contrast normal films whose lungs look uniformly gray, like a diffuse
-# opacity, and one film scanned small inside a black frame, an acquisition artefact the model
-# has never seen. The few false negatives are clear, well-aerated lung fields with subtle
-# findings, and most sit near the threshold (p = 0.25-0.47), so a lower threshold catches them
-# (the screening point of 4.2). The errors follow global brightness, contrast and framing more
-# than local findings, which is what a 28x28 model can see.
+# notwithstanding. In the committed figure three of the six most confident false positives
+# (p = 1.00) are bright, washed-out films whose lungs look uniformly gray, like a diffuse
+# opacity; one is a film scanned small inside a black frame, an acquisition artefact; the other
+# two show no cause visible at 28x28. The false negatives are films with clear, dark lung
+# fields, and five of the six sit near the threshold (p = 0.25-0.47), so a lower threshold
+# catches them (the screening point of 4.2). Where an error has a visible cause it is global
+# (exposure, framing) rather than a local finding, which is what a 28x28 model can see.
 
 
 # =============================================================================================
@@ -1309,7 +1313,10 @@ def pick_gradcam_images(labels, probs):
 
 
 def plot_gradcam(trained, data, idx, outcomes, path):
-    """5.2: the X-rays, then per model a row of Grad-CAM maps for the class it predicts."""
+    """5.2: the X-rays, then per model a row of Grad-CAM maps for the class it predicts.
+
+    outcomes name each image's outcome for the first model in trained, the chosen one.
+    """
     from pytorch_grad_cam.utils.image import show_cam_on_image
     x = data.x["test"][idx]
     images = [as_rgb(img) for img in x.cpu().numpy()]
@@ -1317,7 +1324,8 @@ def plot_gradcam(trained, data, idx, outcomes, path):
     fig = Figure(figsize=(2.1 * len(idx) + 0.8, 2.5 * (len(trained) + 1)), layout="constrained")
     axes = fig.subplots(len(trained) + 1, len(idx), squeeze=False)
     for ax, img, y, outcome in zip(axes[0], x.cpu().numpy(), labels, outcomes):
-        show_image(ax, img, f"{outcome} (best model)\ntrue: {data.class_names[y]}")
+        show_image(ax, img, f"{outcome} for {MODEL_NAMES[next(iter(trained))]}\n"
+                            f"true: {data.class_names[y]}")
     for row, (name, t) in zip(axes[1:], trained.items()):
         probs = t.test_probs[idx]
         preds = (probs >= 0.5).astype(int)
@@ -1330,8 +1338,8 @@ def plot_gradcam(trained, data, idx, outcomes, path):
                          color="black" if pred == y else "tab:red")
         row[0].text(-0.08, 0.5, MODEL_NAMES[name], transform=row[0].transAxes, rotation=90,
                     ha="right", va="center", fontsize=9)
-    colour = fig.colorbar(ScalarMappable(cmap="jet"), ax=axes[1:], shrink=0.8)
-    colour.set_label("Grad-CAM, scaled per image: 0 = least, 1 = most of that image's evidence")
+    colour = fig.colorbar(ScalarMappable(cmap="jet"), ax=axes[1:], shrink=0.8, pad=0.01)
+    colour.set_label("evidence, scaled per image (0 least, 1 most)")
     fig.suptitle(f"Grad-CAM of the predicted class on test images (p = P({data.class_names[1]}), "
                  "red title: wrong prediction).\nEach map is min-max scaled on its own: colours "
                  "compare regions within an image, not across images", fontsize=10)
@@ -1348,33 +1356,33 @@ def part5_interpret(trained, best, data, out):
 
 
 # 5.1 What patterns do the filters detect? (part5_filters.png; each filter on its own colour
-# scale, so compare shapes, not strengths.) The simple CNN's 3x3 conv1 filters are mostly oriented
-# edge detectors, a positive row or column next to a negative one (rib, diaphragm and lung
-# borders), plus a few centre-surround spot detectors (small bright or dark blobs) and near-uniform
-# brightness filters. ResNet18's 7x7 conv1 filters from scratch look like noise: with a stride-2
-# stem, BatchNorm after it and only 4,708 images of 28x28 they act as a learned down-sampling
-# rather than clean edge detectors. ImageNet-pretrained filters, when the weights are available,
-# add a third band to the figure with their smooth Gabor-like edges and colour blobs (summed to
-# gray).
+# scale, so compare shapes, not strengths.) About a quarter of the simple CNN's 3x3 conv1 filters
+# are clean oriented edge detectors, a positive row or column next to a negative one (rib,
+# diaphragm and lung borders); the rest are irregular mixes, several close to a uniform
+# brightness filter. At 3x3 there is little room for more. ResNet18's 7x7 conv1 filters from
+# scratch look like noise: with a stride-2 stem, BatchNorm after it and only 4,708 images of
+# 28x28 they act as a learned down-sampling rather than clean edge detectors. ImageNet-pretrained
+# filters, when the weights are available, add a third band that would be expected to show
+# smooth Gabor-like edges and blobs (their RGB weights summed to one gray channel).
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png; each map explains
 # the class that model predicts, so red marks its strongest evidence in that image.) Partly. What
 # follows describes the committed figure (seed 0; a CPU rerun with the same seed reproduces it).
-# - True positives: the simple CNN's pneumonia evidence is a large blob over the central and
-#   lower chest, heart border and lower lung zones, where consolidation and the silhouette sign
-#   sit, but it also covers the mediastinum, which carries no pneumonia signal. ResNet18's map
-#   (layer3, 4x4) is one blob at the same lower-central spot in every pneumonia prediction: a
-#   position the network has learned to score, not a finding it located in this film.
-# - True negatives: the CNN's evidence for "normal" is the dark, well-aerated upper lung field;
-#   ResNet18's is spread over both lungs and the film's edge.
-# - False positive (a normal film called pneumonia with p = 1.00): a bright, low-contrast film;
-#   both models light the same central region as for their true positives. Hazy exposure looks
-#   like diffuse opacity at 28x28: a global-intensity shortcut, which Part 4.3 finds in most
-#   false positives.
-# - False negative (pneumonia called normal, p = 0.06): the CNN's "normal" evidence is one clear
-#   upper lung zone; the opacity elsewhere did not outweigh it. ResNet18 gets this film right
-#   (p = 0.92), but its map is blank: no layer3 activation has a positive gradient-weighted sum,
-#   so Grad-CAM cannot show why, a known limit of the method for a single-logit head.
+# - True positives: the simple CNN's pneumonia evidence is a central blob over the heart and
+#   mediastinum, reaching the medial lung bases where lower-lobe consolidation blurs the heart
+#   border (the silhouette sign); the mediastinum itself carries no pneumonia signal. ResNet18's
+#   map (layer3, 4x4) is one blob at the same lower-central spot in every pneumonia prediction:
+#   a position the network has learned to score, not a finding it located in this film.
+# - True negatives: the CNN's evidence for "normal" is the dark, well-aerated upper lung field on
+#   the image's left. ResNet18's peaks sit on the midline and at the film's left edge, not on
+#   the lungs: a shortcut.
+# - False positive (a normal film called pneumonia with p = 1.00, bright and low in contrast):
+#   both models light the same central region as for their true positives, and the CNN also the
+#   film's bottom edge. Hazy exposure looks like diffuse opacity at 28x28 (Part 4.3).
+# - False negative (pneumonia called normal, p = 0.06): no opacity is visible at 28x28, and the
+#   CNN's "normal" evidence is one clear upper lung zone. ResNet18 gets this film right
+#   (p = 0.92), but its map is blank: Grad-CAM keeps only the positive part of the weighted sum
+#   of activations, and here it is negative everywhere, so the method cannot show why.
 # At 28x28 a 7x7 or 4x4 map localises only coarsely: this is a sanity check that exposes
 # shortcuts (image edges, overall brightness, fixed positions), not proof of clinical validity.
 
@@ -1386,11 +1394,13 @@ def part5_interpret(trained, best, data, out):
 #    Not 0.5 by default. For screening we fix the sensitivity we need on validation data and take
 #    the highest threshold that keeps it (the "screening" point: val recall >= 0.99, and more
 #    than 0.5 gives). outputs/summary.md ("Reflection 1") names the threshold this run chose and
-#    its test sensitivity and specificity; part4_roc_pr.png shows where it sits. The price is
-#    specificity, paid on the test split with interest: test has more normal films than
-#    validation and the model's probabilities shift with it, so a threshold carries its tuning
-#    distribution along. Before use it must be re-checked, and re-chosen if needed, on validation
-#    data from the deploying site, never read off a test set.
+#    its test sensitivity and specificity (committed run: t = 0.044, sensitivity 1.000,
+#    specificity 0.521: no missed pneumonia instead of 6, 112 false alarms instead of 55); the
+#    threshold is so low because the model's probabilities crowd near 0 and 1 (Part 4.2). The
+#    price is specificity, and it is higher on test than on validation: test has more normal
+#    films and the model's probabilities shift with it, so a threshold carries its tuning
+#    distribution along. Before use it must be re-checked, and re-chosen if needed, on
+#    validation data from the deploying site, never read off a test set.
 #    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
 #    most dangerous in young children. A false positive costs a radiologist's second look,
 #    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. Because a
