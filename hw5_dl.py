@@ -1207,11 +1207,12 @@ def part4_evaluate(best, chosen, data, cfg, out):
 def describe_operating_points(points, class_names):
     """4.2 and reflection 1: the operating points as a markdown table, and the screening one."""
     neg, pos = class_names
-    rows = ["| operating point (fixed on validation) | threshold | val recall | test recall "
-            f"(sensitivity) | test specificity | PPV | NPV | missed {pos} (FN) | false alarms "
-            "(FP) |",
+    rows = ["| operating point (fixed on validation) | threshold | val recall / specificity | "
+            f"test recall (sensitivity) | test specificity | PPV | NPV | missed {pos} (FN) | "
+            "false alarms (FP) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {k} | {m['threshold']:.3f} | {m['val_recall']:.3f} | {m['recall']:.3f} | "
+    rows += [f"| {k} | {m['threshold']:.3f} | {m['val_recall']:.3f} / "
+             f"{m['val_specificity']:.3f} | {m['recall']:.3f} | "
              f"{m['specificity']:.3f} | {m['precision']:.3f} | {m['npv']:.3f} | {m['fn']} | "
              f"{m['fp']} |" for k, m in points.items()]
     half, screen = points["0.5"], list(points.values())[-1]
