@@ -1046,10 +1046,12 @@ def youden_threshold(val_labels, val_probs):
 
 
 def operating_thresholds(val_labels, val_probs, cfg):
-    """4.2: the three operating points, all fixed on validation before test is looked at."""
-    return {"0.5": 0.5, "max Youden J": youden_threshold(val_labels, val_probs),
-            f"screening (val recall ≥ {cfg.screening_recall})":
-                screening_threshold(val_labels, val_probs, cfg.screening_recall)}
+    """4.2: the three operating points, each a threshold fixed on validation and its rule."""
+    return {"0.5": (0.5, "the default"),
+            "max Youden J": (youden_threshold(val_labels, val_probs),
+                             "max sensitivity + specificity - 1 on val"),
+            "screening": (screening_threshold(val_labels, val_probs, cfg.screening_recall),
+                          f"highest with val recall ≥ {cfg.screening_recall}, above 0.5's")}
 
 
 def plot_calibration(labels, probs, class_names, path, title):
@@ -1093,7 +1095,7 @@ def plot_confusion_matrix(labels, probs, class_names, path, title):
 
 
 def zoom_box(points, pad=0.03, min_size=0.12):
-    """4.2: (x0, x1, y0, y1) around the points, within the unit square, at least min_size wide."""
+    """4.2: (x0, x1, y0, y1) around the points, at least min_size wide, clipped near [0, 1]."""
     lows, highs = points.min(0) - pad, points.max(0) + pad
     grow = np.maximum(min_size - (highs - lows), 0) / 2
     lows, highs = np.clip(lows - grow, -0.01, 1.01), np.clip(highs + grow, -0.01, 1.01)
@@ -1186,7 +1188,7 @@ def part4_evaluate(best, chosen, data, cfg, out):
     probs, pos = chosen.test_probs, data.class_names[1]
     operating = operating_thresholds(val_labels, chosen.val_probs, cfg)
     thresholds = {f"t={t:g}": t for t in sorted({*cfg.thresholds, 0.5})}
-    fixed = {f"{k}: t={t:.3f}": t for k, t in operating.items() if k != "0.5"}
+    fixed = {f"{k}: t={t:.3f}": t for k, (t, _) in operating.items() if k != "0.5"}
     thresholds.update(fixed)
     title = f"{MODEL_NAMES[best]} (chosen on validation), test split"
     plot_confusion_matrix(test_labels, probs, data.class_names,
@@ -1199,28 +1201,28 @@ def part4_evaluate(best, chosen, data, cfg, out):
                         f"p = P({pos})")
     plot_calibration(test_labels, probs, data.class_names, out / "part4_calibration.png", title)
     points = {}
-    for name, t in operating.items():
+    for name, (t, rule) in operating.items():
         val = binary_metrics(val_labels, chosen.val_probs, t)
-        points[name] = dict(threshold=t, val_recall=val["recall"],
+        points[name] = dict(threshold=t, rule=rule, val_recall=val["recall"],
                             val_specificity=val["specificity"],
                             **binary_metrics(test_labels, probs, t))
     print(f"operating points of {MODEL_NAMES[best]}, fixed on validation: "
-          + ", ".join(f"{k}: {t:.3f}" for k, t in operating.items()))
+          + ", ".join(f"{k}: {t:.3f}" for k, (t, _) in operating.items()))
     return points
 
 
 def describe_operating_points(points, class_names):
     """4.2 and reflection 1: the operating points as a markdown table, and the screening one."""
     neg, pos = class_names
-    rows = ["| operating point (fixed on validation) | threshold | val recall / specificity | "
+    rows = ["| operating point | threshold (fixed on validation) | val recall / specificity | "
             f"test recall (sensitivity) | test specificity | PPV | NPV | missed {pos} (FN) | "
             "false alarms (FP) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {k} | {m['threshold']:.3f} | {m['val_recall']:.3f} / "
+    rows += [f"| {k} | {m['threshold']:.3f}: {m['rule']} | {m['val_recall']:.3f} / "
              f"{m['val_specificity']:.3f} | {m['recall']:.3f} | "
              f"{m['specificity']:.3f} | {m['precision']:.3f} | {m['npv']:.3f} | {m['fn']} | "
              f"{m['fp']} |" for k, m in points.items()]
-    half, screen = points["0.5"], list(points.values())[-1]
+    half, screen = points["0.5"], points["screening"]
     q1 = (f"The screening point chosen on validation is t = {screen['threshold']:.3f} (val recall "
           f"{screen['val_recall']:.3f} against {half['val_recall']:.3f} at 0.5). On test it "
           f"finds {screen['recall']:.1%} of {pos} cases (sensitivity) and clears "

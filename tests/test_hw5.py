@@ -219,9 +219,9 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     assert set(m["auc_difference_vs_best"]) == set(m["models"]) - {m["best_model"]}
     assert len(m["operating_points"]) == 3
     for op in m["operating_points"].values():
-        assert {"threshold", "val_recall", "recall", "specificity", "precision", "npv",
+        assert {"threshold", "rule", "val_recall", "recall", "specificity", "precision", "npv",
                 "fn"} <= set(op)
-    half, screening = m["operating_points"]["0.5"], list(m["operating_points"].values())[-1]
+    half, screening = m["operating_points"]["0.5"], m["operating_points"]["screening"]
     assert screening["threshold"] <= 0.5
     assert screening["val_recall"] > half["val_recall"] or half["val_recall"] == 1
     summary = (out / "summary.md").read_text()
