@@ -1001,7 +1001,7 @@ def part3_compare(trained, data, cfg, out):
 # at 28x28 there is little fine structure for ResNet18's 11M parameters (46x the CNN's) to
 # exploit; three conv blocks already see the whole chest, and the limit on test is the shift
 # between source splits, which no amount of capacity fixes. The CNN also finishes training in
-# a fifth of the time or less (about 11x the images per second; metrics.json has both).
+# a fifth of the time or less (over 10x the images per second; metrics.json has both).
 # The ensemble's mean probability is reported beside them; it cannot be chosen, since Parts 4-5
 # need one network.
 
