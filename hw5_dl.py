@@ -52,6 +52,10 @@ SIZES = (28, 64, 128, 224)            # MedMNIST+ image sizes
 MODEL_NAMES = {"simple_cnn": "Simple CNN", "resnet18_scratch": "ResNet18 (from scratch)",
                "resnet18_pretrained": "ResNet18 (pretrained)",
                "ensemble": "Ensemble (mean probability)"}
+# The finding is the positive class (label 1 downstream), whatever medmnist's number for it: the
+# label names do not say which class is the disease (BreastMNIST's label 0 is "malignant").
+# load_data maps labels so that 1 is the finding; a binary data set not listed here is refused.
+FINDING = {"pneumoniamnist": "pneumonia", "breastmnist": "malignant"}
 
 
 # =============================================================================================
@@ -112,11 +116,16 @@ QUICK = dict(cnn_steps=8, resnet_steps=4, head_steps=4, finetune_steps=4, min_ep
 # =============================================================================================
 @dataclass
 class Data:
-    """The three splits as tensors in [0, 1] (N, C, H, W), labels as float (N,), and loaders."""
+    """The three splits as tensors in [0, 1] (N, C, H, W), labels as float (N,), and loaders.
+
+    Label 1 is the finding (FINDING); class_names[k] names label k, medmnist_labels[k] is the
+    number medmnist gives that class.
+    """
     x: dict
     y: dict
     loaders: dict
     class_names: list
+    medmnist_labels: list
     mean: float
     std: float
     source: dict                     # the npz file's path and md5 check
@@ -174,12 +183,13 @@ def make_loader(x, y, batch_size, shuffle, seed=0):
 def load_data(cfg, device):
     """1.1: all three splits as device tensors in [0, 1], plus train/val/test DataLoaders."""
     info, path = dataset_info(cfg), data_file(cfg)
+    finding = next(int(k) for k, name in info["label"].items() if name == FINDING[cfg.dataset])
     xs, ys = {}, {}
     for split in ("train", "val", "test"):
         imgs, labels = read_split(split, path, info, cfg)
         x = torch.from_numpy(imgs).float().div(255)
         xs[split] = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)   # (N, C, H, W)
-        ys[split] = torch.from_numpy(labels).float()
+        ys[split] = torch.from_numpy(labels == finding).float()     # 1 = the finding
     if len(ys["train"].unique()) < 2:
         raise UserError(f"the training split of {path} holds one class only; a binary "
                         f"classifier needs both. Use the official {info['python_class']} file.")
@@ -192,8 +202,9 @@ def load_data(cfg, device):
     ys = {k: v.to(device) for k, v in ys.items()}
     loaders = {split: make_loader(xs[split], ys[split], cfg.batch_size, split == "train", cfg.seed)
                for split in xs}
-    return Data(x=xs, y=ys, loaders=loaders, class_names=[info["label"][str(i)] for i in range(2)],
-                mean=xs["train"].mean().item(), std=xs["train"].std().item(),
+    medmnist_labels = [1 - finding, finding]
+    return Data(x=xs, y=ys, loaders=loaders, medmnist_labels=medmnist_labels,
+                class_names=[info["label"][str(k)] for k in medmnist_labels], mean=xs["train"].mean().item(), std=xs["train"].std().item(),
                 source=check_md5(path, info, cfg), name=info["python_class"])
 
 
@@ -235,7 +246,9 @@ def plot_samples(data, path, per_class=8):
         idx = torch.nonzero(data.y["train"] == label).squeeze(1)[:per_class]
         for ax, i in zip(row, idx):
             show_image(ax, data.x["train"][i].cpu())
-        row[0].set_title(f"{data.class_names[label]} (label {label})", fontsize=9, loc="left")
+        row[0].set_title(f"{data.class_names[label]} ({'positive' if label else 'negative'} "
+                         f"class; medmnist label {data.medmnist_labels[label]})", fontsize=9,
+                         loc="left")
     fig.suptitle(f"{data.name} training samples per class")
     save_figure(fig, path)
 
@@ -281,6 +294,8 @@ def plot_augmentation(data, cfg, path, per_class=2, n_draws=5):
 
 def part1_data(data, cfg, out):
     """Part 1: split sizes and class balance, then the samples, distribution and augmentation."""
+    print(f"positive class (the finding): {data.class_names[1]} (medmnist label "
+          f"{data.medmnist_labels[1]}); negative: {data.class_names[0]}")
     for split in ("train", "val", "test"):
         y = data.y[split]
         print(f"{split}: {len(y)} images, {int(y.sum())} {data.class_names[1]} "
@@ -864,7 +879,7 @@ def describe_differences(best, differences):
             "of resamples" for k, d in differences.items()]
 
 
-def write_comparison(results, best, differences, choice, cfg, md_path, png_path):
+def write_comparison(results, best, differences, choice, cfg, pos, md_path, png_path):
     """3.3: the comparison table as markdown and as a PNG; returns the markdown."""
     trained = {k: r for k, r in results.items() if r["status"] == "trained"}
     blank = [""] * (len(COMPARISON_HEADER) - 2)
@@ -874,7 +889,8 @@ def write_comparison(results, best, differences, choice, cfg, md_path, png_path)
     chosen = describe_choice(best, choice, results)
     md = "\n".join("| " + " | ".join(row) + " |" for row in
                    [COMPARISON_HEADER, ["---"] * len(COMPARISON_HEADER), *md_rows])
-    md += (f"\n\nTest metrics at threshold 0.5; stratified bootstrap 95% intervals for "
+    md += (f"\n\nTest metrics at threshold 0.5, positive class {pos}; stratified bootstrap 95% "
+           f"intervals for "
            f"accuracy, AUC, recall and specificity "
            f"({cfg.bootstrap_resamples:,} resamples, seed {cfg.seed}).\n\n"
            f"Model for Parts 4-5, chosen on validation: **{MODEL_NAMES[best]}**. {chosen}\n\n"
@@ -895,8 +911,8 @@ def write_comparison(results, best, differences, choice, cfg, md_path, png_path)
     table.set_fontsize(9)
     table.auto_set_column_width(list(range(len(COMPARISON_HEADER))))
     table.scale(1, 1.6)
-    ax.set_title("Part 3.3: model comparison on the test split (threshold 0.5, "
-                 "[95% bootstrap interval])")
+    ax.set_title(f"Part 3.3: model comparison on the test split (positive class {pos}, "
+                 "threshold 0.5, [95% bootstrap interval])")
     ax.text(0, -0.05, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="top")
     save_figure(fig, png_path)
     return md
@@ -968,7 +984,7 @@ def part3_compare(trained, data, cfg, out):
     for name, d in draws.items():
         results[name]["test_ci95"] = {k: interval95(v) for k, v in d.items()}
     differences = paired_auc_differences(draws, best)
-    print(write_comparison(results, best, differences, choice, cfg,
+    print(write_comparison(results, best, differences, choice, cfg, data.class_names[1],
                            out / "part3_model_comparison.md", out / "part3_model_comparison.png"))
     return best, choice, differences
 
@@ -1011,7 +1027,7 @@ def part3_compare(trained, data, cfg, out):
 # =============================================================================================
 def binary_metrics(labels, probs, threshold=0.5):
     """4.1: accuracy, precision (PPV), recall (sensitivity), specificity, NPV, F1 at a threshold,
-    and the threshold-free AUC, AP and Brier score."""
+    and the threshold-free AUC, AP and Brier score; label 1, the finding, is the positive class."""
     pred = (probs >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
     return dict(accuracy=skm.accuracy_score(labels, pred),
@@ -1088,8 +1104,8 @@ def plot_confusion_matrix(labels, probs, class_names, path, title):
                                                 display_labels=class_names, ax=ax,
                                                 cmap="Blues", colorbar=False)
     ax.set_title(title, fontsize=10)
-    fig.supxlabel(f"accuracy {m['accuracy']:.3f}, precision {m['precision']:.3f}, recall "
-                  f"{m['recall']:.3f}\nspecificity {m['specificity']:.3f}, F1 {m['f1']:.3f}, "
+    fig.supxlabel(f"positive class {class_names[1]}: accuracy {m['accuracy']:.3f}, precision "
+                  f"{m['precision']:.3f}, recall {m['recall']:.3f}\nspecificity {m['specificity']:.3f}, F1 {m['f1']:.3f}, "
                   f"AUC {m['auc']:.3f} (threshold-free)", fontsize=9)
     save_figure(fig, path)
 
@@ -1156,18 +1172,21 @@ def plot_roc_pr(labels, probs, thresholds, zoom_on, class_names, path, title):
     save_figure(fig, path)
 
 
+OUTCOMES = {"true positive": (1, 1), "true negative": (0, 0),     # (true label, prediction)
+            "false positive": (0, 1), "false negative": (1, 0)}
+
+
 def confidence_groups(labels, probs, threshold=0.5):
     """4.3: test indices of TP, TN, FP and FN, each sorted from most to least confident."""
-    pred = probs >= threshold
+    pred = (probs >= threshold).astype(int)
     conf = np.where(pred, probs, 1 - probs)
-    groups = {"true positive": pred & (labels == 1), "true negative": ~pred & (labels == 0),
-              "false positive": pred & (labels == 0), "false negative": ~pred & (labels == 1)}
+    masks = {k: (labels == truth) & (pred == called) for k, (truth, called) in OUTCOMES.items()}
     return {k: np.flatnonzero(mask)[np.argsort(-conf[mask], kind="stable")]
-            for k, mask in groups.items()}
+            for k, mask in masks.items()}
 
 
-def plot_error_analysis(images, labels, probs, path, title, per_group=6):
-    """4.3: the most confident TP, TN, FP and FN test images with their P(pneumonia)."""
+def plot_error_analysis(images, labels, probs, class_names, path, title, per_group=6):
+    """4.3: the most confident TP, TN, FP and FN test images with their P(positive class)."""
     groups = confidence_groups(labels, probs)
     fig = Figure(figsize=(1.5 * per_group, 6.6))
     axes = fig.subplots(4, per_group)
@@ -1176,7 +1195,9 @@ def plot_error_analysis(images, labels, probs, path, title, per_group=6):
             ax.set_axis_off()
             if j < len(idx):
                 show_image(ax, images[idx[j]], f"p={probs[idx[j]]:.2f}")
-        row[0].text(-0.15, 0.5, f"{group}\n(n={len(idx)})", transform=row[0].transAxes,
+        truth, called = (class_names[k] for k in OUTCOMES[group])
+        row[0].text(-0.15, 0.5, f"{group} (n={len(idx)}):\n{truth}\ncalled {called}",
+                    transform=row[0].transAxes,
                     ha="right", va="center", fontsize=9)
     fig.suptitle(title)
     save_figure(fig, path)
@@ -1195,7 +1216,7 @@ def part4_evaluate(best, chosen, data, cfg, out):
                           out / "part4_confusion_matrix.png", f"{title}\nthreshold 0.5")
     plot_roc_pr(test_labels, probs, thresholds, ["t=0.5", *fixed], data.class_names,
                 out / "part4_roc_pr.png", title)
-    plot_error_analysis(data.x["test"].cpu().numpy(), test_labels, probs,
+    plot_error_analysis(data.x["test"].cpu().numpy(), test_labels, probs, data.class_names,
                         out / "part4_error_analysis.png",
                         f"{title}: most confident cases per outcome at threshold 0.5, "
                         f"p = P({pos})")
@@ -1215,8 +1236,8 @@ def describe_operating_points(points, class_names):
     """4.2 and reflection 1: the operating points as a markdown table, and the screening one."""
     neg, pos = class_names
     rows = ["| operating point | threshold (fixed on validation) | val recall / specificity | "
-            f"test recall (sensitivity) | test specificity | PPV | NPV | missed {pos} (FN) | "
-            "false alarms (FP) |",
+            f"test recall ({pos} found) | test specificity ({neg} cleared) | PPV | NPV | "
+            f"missed {pos} (FN) | false alarms: {neg} called {pos} (FP) |",
             "|---|---|---|---|---|---|---|---|---|"]
     rows += [f"| {k} | {m['threshold']:.3f}: {m['rule']} | {m['val_recall']:.3f} / "
              f"{m['val_specificity']:.3f} | {m['recall']:.3f} | "
@@ -1444,7 +1465,9 @@ def write_summary(trained, best, choice, points, data, cfg, path):
         f"# This run in numbers: {data.name}, seed {cfg.seed}"
         + (" (--quick: a smoke run, not a result)" if cfg.quick else ""), "",
         "Written by `hw5_dl.py` at the end of the run; the discussion comments in the script "
-        "point here for every number that depends on the run.", "",
+        "point here for every number that depends on the run. Positive class (the finding): "
+        f"**{data.class_names[1]}** (medmnist label {data.medmnist_labels[1]}); recall, "
+        f"precision, missed cases and false alarms are about it.", "",
         "## 2.3 Training curves (part2_training_curves.png, part3_training_curves.png)", "",
         *[f"- {describe_training(k, r)}" for k, r in results.items() if k != "ensemble"], "",
         "## 3.2-3.3 Pretraining, and the model chosen for Parts 4-5", "",
@@ -1456,7 +1479,8 @@ def write_summary(trained, best, choice, points, data, cfg, path):
                     f"{r['test']['auc']:.3f}, recall {r['test']['recall']:.3f}, specificity "
                     f"{r['test']['specificity']:.3f}" for k, r in results.items()
                     if r["status"] == "trained") + ".", "",
-        f"## 4.1 {MODEL_NAMES[best]} on test at threshold 0.5", "",
+        f"## 4.1 {MODEL_NAMES[best]} on test at threshold 0.5 (positive: {data.class_names[1]})",
+        "",
         f"Accuracy {half['accuracy']:.3f}, precision {half['precision']:.3f}, recall "
         f"{half['recall']:.3f}, specificity {half['specificity']:.3f}, F1 {half['f1']:.3f}, AUC "
         f"{half['auc']:.3f}, AP {half['ap']:.3f}; {half['tp']} TP, {half['tn']} TN, "
@@ -1488,8 +1512,9 @@ def run(cfg):
     part5_interpret(trained, best, data, out)
     print(write_summary(trained, best, choice, points, data, cfg, out / "summary.md"))
 
-    metrics = dict(dataset=cfg.dataset, size=cfg.size, device=str(device), seed=cfg.seed,
-                   quick=cfg.quick, python=sys.version.split()[0], torch=torch.__version__,
+    metrics = dict(dataset=cfg.dataset, positive_class=data.class_names[1], size=cfg.size,
+                   device=str(device), seed=cfg.seed, quick=cfg.quick,
+                   python=sys.version.split()[0], torch=torch.__version__,
                    torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                    best_model=best, selection=choice, operating_points=points,
                    auc_difference_vs_best=differences, stem_images_per_second=stem_speed,
@@ -1542,7 +1567,7 @@ def parse_args(argv=None) -> Config:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = Config()                                # the defaults live in one place
     p.add_argument("--dataset", default=d.dataset,
-                   help="a binary 2D MedMNIST data set (medmnist.INFO), e.g. breastmnist")
+                   help=f"a binary 2D MedMNIST data set with a FINDING: {', '.join(FINDING)}")
     p.add_argument("--size", type=int, default=d.size, choices=SIZES,
                    help="image size; other than 28 reads MedMNIST+ files such as NAME_64.npz")
     p.add_argument("--data-dir", default=d.data_dir, help="folder holding NAME.npz (medmnist's "
@@ -1666,7 +1691,7 @@ def show_image(ax, img, title=None):
 
 
 def dataset_info(cfg):
-    """medmnist.INFO for --dataset, refusing anything but binary 2D data sets."""
+    """medmnist.INFO for --dataset, refusing anything but binary 2D data sets with a FINDING."""
     import medmnist
     binary_2d = sorted(k for k, v in medmnist.INFO.items()
                        if v["task"] == "binary-class" and not k.endswith("3d"))
@@ -1677,6 +1702,11 @@ def dataset_info(cfg):
         raise UserError(f"--dataset {cfg.dataset} is {medmnist.INFO[cfg.dataset]['task']}"
                         f"{' and 3D' if cfg.dataset.endswith('3d') else ''}: this script handles "
                         f"binary datasets only (2D): {', '.join(binary_2d)}.")
+    if cfg.dataset not in FINDING:
+        raise UserError(f"--dataset {cfg.dataset}: this script does not know which of its "
+                        f"classes ({', '.join(medmnist.INFO[cfg.dataset]['label'].values())}) "
+                        "is the finding, which every recall, PPV and screening threshold is "
+                        "about. Add it to FINDING at the top of hw5_dl.py.")
     return medmnist.INFO[cfg.dataset]
 
 

@@ -10,26 +10,29 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SPLIT_SIZES = {"train": 256, "val": 96, "test": 96}
+FINDING_LABEL = {"pneumoniamnist": 1, "breastmnist": 0}   # medmnist's number for the finding
 
 
-def synthetic_split(n, rng, size=28):
-    """Noisy gray 'chest' images; pneumonia (label 1, ~70%) adds a bright blob in one lung."""
-    labels = (rng.random(n) < 0.7).astype(np.uint8)
+def synthetic_split(n, rng, size=28, finding_label=1):
+    """Noisy gray 'chest' images; the finding (~70%) adds a bright blob in one lung."""
+    finding = rng.random(n) < 0.7
+    labels = np.where(finding, finding_label, 1 - finding_label).astype(np.uint8)
     yy, xx = np.mgrid[:size, :size] / size
     images = 0.45 + 0.1 * rng.standard_normal((n, size, size))
-    for img, label in zip(images, labels):
-        if label:
+    for img, sick in zip(images, finding):
+        if sick:
             cx, cy = rng.choice([0.3, 0.7]), rng.uniform(0.35, 0.65)
             img += 0.35 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02)
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels[:, None]
 
 
 def write_npz(folder, name="pneumoniamnist", seed=0, size=28):
-    """Write medmnist's {name}.npz ({name}_{size}.npz) with its keys, shapes and dtypes."""
+    """Write medmnist's {name}.npz ({name}_{size}.npz) with its keys, shapes, dtypes and labels."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in SPLIT_SIZES.items():
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_split(n, rng, size)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_split(
+            n, rng, size, FINDING_LABEL[name])
     suffix = "" if size == 28 else f"_{size}"
     np.savez_compressed(Path(folder) / f"{name}{suffix}.npz", **arrays)
     return Path(folder)

@@ -193,6 +193,7 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
         assert (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "pneumoniamnist" and m["size"] == 28 and m["quick"] is True
+    assert m["positive_class"] == "pneumonia"
     assert m["device"] == "cpu" and m["seed"] == 0 and m["total_seconds"] > 0
     assert m["best_model"] in m["models"] and m["best_model"] != "ensemble"
     assert m["selection"]["leader"] in m["selection"]["tied"] and m["best_model"] in \
@@ -310,6 +311,7 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
     assert H.main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == dataset and m["size"] == size
+    assert m["positive_class"] == H.FINDING[dataset]
     assert m["data_file"]["path"].endswith(f"{dataset}{'' if size == 28 else f'_{size}'}.npz")
     assert m["data_file"]["md5_expected"] == medmnist.INFO[dataset][
         "MD5" + ("" if size == 28 else f"_{size}")]
@@ -317,7 +319,9 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
     data = H.load_data(H.Config(dataset=dataset, size=size, data_dir=str(folder)),
                        torch.device("cpu"))
     assert data.x["test"].shape[1:] == (1, size, size)
-    assert data.class_names == [medmnist.INFO[dataset]["label"][k] for k in ("0", "1")]
+    finding = int(next(k for k, v in medmnist.INFO[dataset]["label"].items()
+                       if v == H.FINDING[dataset]))
+    assert data.class_names[1] == H.FINDING[dataset] and data.medmnist_labels[1] == finding
     model = H.build_resnet18(None, 1, size)
     H.fit(model, data, H.Config(min_epochs=1), [H.Stage("train", 4, 1e-3)], "test")
     maps = H.gradcam_maps("resnet18_scratch", model, data.x["test"][:2], data)
@@ -431,3 +435,40 @@ def test_a_run_that_never_stalls_is_annealed_before_its_budget_ends(data, monkey
     lrs = [h["lr"] for h in history]
     assert lrs[7] == pytest.approx(lrs[6] * cfg.lr_drop)                # dropped after epoch 7
     assert lrs[1:7] == [pytest.approx(1e-3)] * 6                        # the peak until then
+
+
+def test_breastmnist_reports_on_the_malignant_class(tmp_path, monkeypatch, offline):
+    """BreastMNIST's finding, malignant, is medmnist's label 0: it must be the positive class."""
+    from conftest import write_npz
+    import medmnist
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    folder = write_npz(tmp_path, name="breastmnist")
+    medmnist_test = medmnist.BreastMNIST(split="test", root=str(folder)).labels[:, 0]
+    data = H.load_data(H.Config(dataset="breastmnist", data_dir=str(folder)), torch.device("cpu"))
+    assert data.class_names == ["normal, benign", "malignant"] and data.medmnist_labels == [1, 0]
+    assert np.array_equal(data.y["test"].numpy(), medmnist_test == 0)     # 1 = malignant
+    out = tmp_path / "out"
+    assert H.main(["--quick", "--dataset", "breastmnist", "--data-dir", str(folder),
+                   "--outputs", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["positive_class"] == "malignant"
+    half, screen = m["operating_points"]["0.5"], m["operating_points"]["screening"]
+    n_malignant = int((medmnist_test == 0).sum())
+    for point in (half, screen):                      # recall counts the malignant films
+        assert point["tp"] + point["fn"] == n_malignant
+        assert point["recall"] == pytest.approx(point["tp"] / n_malignant)
+    assert screen["threshold"] <= 0.5                 # the screening point buys sensitivity
+    assert screen["val_recall"] >= min(0.99, half["val_recall"])
+    assert screen["val_recall"] > half["val_recall"] or half["val_recall"] == 1
+    assert screen["recall"] >= half["recall"] and screen["fn"] <= half["fn"]
+    summary = (out / "summary.md").read_text()
+    assert "**malignant**" in summary and "missed malignant (FN)" in summary
+
+
+def test_binary_dataset_without_a_known_finding_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(H, "FINDING", {"pneumoniamnist": "pneumonia"})
+    code = H.main(["--dataset", "breastmnist", "--data-dir", str(tmp_path), "--outputs",
+                   str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is the finding" in err and "malignant" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
