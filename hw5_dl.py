@@ -44,8 +44,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.patches import Rectangle
 from sklearn import metrics as skm
 from torch import nn
-from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, SequentialSampler,
-                              TensorDataset)
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 SIZES = (28, 64, 128, 224)            # MedMNIST+ image sizes
@@ -170,14 +169,36 @@ def read_split(split, path, info, cfg):
     return imgs, labels.reshape(-1)                  # medmnist gives labels as (N, 1): squeeze
 
 
+class Batches(IterableDataset):
+    """Whole batches sliced from in-memory tensors: in order, or shuffled anew every epoch.
+
+    The shuffle draws torch.randperm from a seeded CPU generator (the order RandomSampler would
+    give), moves it to the data's device once per epoch and slices every batch from it: indexing
+    GPU tensors with a list built on the host would copy it over and synchronise at every step.
+    """
+
+    def __init__(self, x, y, batch_size, shuffle, seed=0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        # Training drops the last partial batch: a batch of one breaks BatchNorm.
+        self.drop_last = shuffle and len(y) > batch_size
+
+    def __len__(self):
+        n_batches = len(self.y) / self.batch_size
+        return int(n_batches) if self.drop_last else math.ceil(n_batches)
+
+    def __iter__(self):
+        order = (torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
+                 if self.shuffle else None)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            rows = (slice(start, start + self.batch_size) if order is None
+                    else order[start:start + self.batch_size])
+            yield self.x[rows], self.y[rows]
+
+
 def make_loader(x, y, batch_size, shuffle, seed=0):
-    """A DataLoader that indexes whole batches from in-memory tensors (no per-image Python)."""
-    ds = TensorDataset(x, y)
-    order = (RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle
-             else SequentialSampler(ds))
-    # The training loader drops the last partial batch: a batch of one breaks BatchNorm.
-    batches = BatchSampler(order, batch_size, drop_last=shuffle and len(ds) > batch_size)
-    return DataLoader(ds, sampler=batches, batch_size=None)
+    """1.1: a DataLoader over whole in-memory batches (no per-image Python, no worker processes)."""
+    return DataLoader(Batches(x, y, batch_size, shuffle, seed), batch_size=None)
 
 
 def load_data(cfg, device):
@@ -343,7 +364,7 @@ class SimpleCNN(nn.Module):
       4,708 images; one output logit with BCE-with-logits is the natural binary head.
     """
 
-    def __init__(self, in_channels=1, channels=(32, 64, 128), hidden=128, dropout=0.3):
+    def __init__(self, in_channels=1, size=28, channels=(32, 64, 128), hidden=128, dropout=0.3):
         super().__init__()
         blocks, c_in = [], in_channels
         for c_out in channels:
@@ -351,22 +372,28 @@ class SimpleCNN(nn.Module):
                                         nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)))
             c_in = c_out
         self.features = nn.Sequential(*blocks)
-        # At 28 px the last map is already 3x3; at larger --size the pool brings it to 3x3.
-        self.classifier = nn.Sequential(nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Dropout(dropout),
-                                        nn.Linear(c_in * 3 * 3, hidden), nn.ReLU(),
+        # The last map is size // 8 wide: 3 at 28 px (kept), 8, 16, 28 at larger --size, pooled
+        # to a grid that divides it (2x2 there): every window the same size, which Apple MPS's
+        # adaptive pooling needs (PyTorch issue 96056).
+        grid = next(g for g in (3, 2, 1) if (size // 8) % g == 0)
+        self.classifier = nn.Sequential(nn.AdaptiveMaxPool2d(grid), nn.Flatten(),
+                                        nn.Dropout(dropout),
+                                        nn.Linear(c_in * grid * grid, hidden), nn.ReLU(),
                                         nn.Dropout(dropout), nn.Linear(hidden, 1))
 
     def forward(self, x):
         return self.classifier(self.features(x))
 
 
-def simple_cnn(in_channels=1):
-    """2.1: the SimpleCNN as trained: channels_last memory layout, 1.25x faster on a CPU.
+def simple_cnn(in_channels, size, device):
+    """2.1: the SimpleCNN as trained: in channels_last memory layout on the CPU only.
 
-    Measured on 2 cores: an epoch takes 2.1 s instead of 2.6 s. ResNet18 stays in the default
-    layout: channels_last made it ~15% slower there.
+    channels_last speeds up the CNN's CPU epochs (bench/README.md); on Apple MPS it has given
+    silently wrong weight updates and gradients (PyTorch issues 118115, 175189) and on CUDA it
+    was never measured, so there the CNN keeps the default layout, as ResNet18 does everywhere.
     """
-    return SimpleCNN(in_channels).to(memory_format=torch.channels_last)
+    model = SimpleCNN(in_channels, size)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
 
 
 def count_params(model):
@@ -655,8 +682,8 @@ def describe_training(name, result):
 
 def part2_simple_cnn(data, cfg, out):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
-    channels = data.x["train"].shape[1]
-    cnn = train_model("simple_cnn", lambda: simple_cnn(channels),
+    channels, device = data.x["train"].shape[1], data.y["train"].device
+    cnn = train_model("simple_cnn", lambda: simple_cnn(channels, cfg.size, device),
                       [Stage("train", cfg.cnn_steps, cfg.cnn_lr)], data, cfg)
     plot_training_curves({"simple_cnn": cnn.result}, out / "part2_training_curves.png",
                          "Part 2.3: Simple CNN training curves")
@@ -1625,9 +1652,17 @@ def pick_device(name):
         raise UserError(f"--device {name} was requested, but this machine has no usable "
                         f"{name.upper()} device (torch {torch.__version__}). Run with "
                         "--device auto or --device cpu.")
+    device = torch.device(name)
+    try:   # a GPU the installed torch has no kernels for is "available" until its first op
+        probe = torch.ones(1, 1, 4, 4, device=device)
+        F.conv2d(probe, probe[..., :3, :3]).cpu()
+    except Exception as err:
+        raise UserError(f"the {name.upper()} device was found, but torch {torch.__version__} "
+                        f"cannot run on it ({brief(err)}). Install a torch build that supports "
+                        "this GPU, or run with --device cpu.") from None
     if name == "cuda":   # TF32 matmuls and convolutions: fp32 range, ~fp16 mantissa, tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name)
+    return device
 
 
 def synchronize(device):

@@ -120,7 +120,7 @@ def pipeline_comparison(cfg, epochs):
             ("naive: medmnist Dataset + per-image PIL transforms + DataLoader",
              naive_loader(cfg.data_dir, naive_tf, cfg.batch_size), lambda x: x)]:
         hw5_dl.seed_everything(0)
-        model = hw5_dl.simple_cnn()
+        model = hw5_dl.simple_cnn(1, 28, torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.cnn_lr)
         speeds[name] = (train_images_per_second(model, batches, prepare, bce, optimizer, epochs),
                         input_images_per_second(batches, prepare))

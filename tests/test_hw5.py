@@ -68,14 +68,57 @@ def test_model_output_shapes():
     assert 2 <= n_conv <= 3 and 1 <= n_fc <= 2   # the rubric's architecture
 
 
-def test_trained_cnn_is_channels_last_and_computes_the_same():
+def test_trained_cnn_is_channels_last_on_the_cpu_only_and_computes_the_same():
     torch.manual_seed(0)
     reference = H.SimpleCNN().eval()
-    model = H.simple_cnn().eval()
+    model = H.simple_cnn(1, 28, torch.device("cpu")).eval()
     model.load_state_dict(reference.state_dict())
-    assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.features[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(model(x), reference(x), atol=1e-5)
+    for device in ("cuda", "mps"):          # built on the CPU, moved to the GPU by train_model
+        weights = H.simple_cnn(1, 28, torch.device(device)).features[1][0].weight
+        assert weights.is_contiguous() and not weights.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("size", H.SIZES)
+def test_cnn_pools_its_last_map_into_equal_windows(size):
+    model = H.SimpleCNN(1, size)
+    last = model.features(torch.rand(1, 1, size, size)).shape[-1]
+    grid = model.classifier[0].output_size
+    assert last % grid == 0 and (size > 28 or grid == last == 3)
+    assert model(torch.rand(2, 1, size, size)).shape == (2, 1)
+
+
+def test_loader_slices_batches_from_one_seeded_permutation_per_epoch():
+    x, y = torch.rand(300, 1, 4, 4), torch.arange(300).float()
+    loader = H.make_loader(x, y, 128, shuffle=True, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2):                               # RandomSampler's order, drop_last
+        batches = list(loader)
+        assert len(batches) == len(loader) == 2
+        assert torch.equal(torch.cat([b for _, b in batches]).long(),
+                           torch.randperm(300, generator=generator)[:256])
+    assert torch.equal(torch.cat([b for _, b in H.make_loader(x, y, 128, False)]), y)
+
+
+def test_loader_never_indexes_with_a_host_built_list():
+    """Indexing device tensors with a Python list copies it to the device at every batch."""
+    from torch.overrides import TorchFunctionMode
+    indices = []
+
+    class RecordIndexing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__:
+                indices.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    x, y = torch.rand(300, 1, 4, 4), torch.rand(300)
+    with RecordIndexing():
+        for shuffle in (True, False):
+            list(H.make_loader(x, y, 128, shuffle))
+    assert indices and all(isinstance(i, (torch.Tensor, slice)) for i in indices)
 
 
 def test_gray_conv1_matches_rgb_copy():

@@ -113,6 +113,18 @@ def test_unavailable_device_exits_2(device, data_dir, tmp_path, capsys):
     assert_clean_failure(code, err, out, f"--device {device}")
 
 
+def test_gpu_that_torch_cannot_run_exits_2(data_dir, tmp_path, capsys, monkeypatch):
+    """is_available() is True on a GPU the installed torch has no kernels for; its first op fails."""
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(H.F, "conv2d", no_kernel)
+    out = tmp_path / "out"
+    code, err = run_main(["--data-dir", str(data_dir), "--outputs", str(out)], capsys)   # auto
+    assert_clean_failure(code, err, out, "CUDA", "cannot run on it", "--device cpu")
+
+
 @pytest.mark.parametrize("where", ["a file", "inside a file"])
 def test_unusable_outputs_exit_2(where, data_dir, tmp_path, capsys, offline, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
