@@ -1,75 +1,135 @@
 #!/usr/bin/env bash
-# The CUDA path, proven on a machine with an NVIDIA GPU: the tests, a --quick run and the full
-# default run with --device cuda, then bench/results/gpu.md: wall time, training images/s and
-# peak GPU memory per model, and test metrics beside the committed CPU run (outputs/metrics.json).
+# The CUDA path, proven on a machine with an NVIDIA GPU: the tests, a --quick run with CUDA's sync
+# debug mode on, and the full default run with --device cuda; then bench/results/gpu.md: wall time,
+# training images/s and peak GPU memory per model, test metrics beside the committed CPU run
+# (outputs/metrics.json), and the host-device synchronisations inside the training loop.
 #
-#   bash bench/gpu_check.sh [DATA_DIR]      # DATA_DIR holds pneumoniamnist.npz; ~5 minutes
+#   bash bench/gpu_check.sh [DATA_DIR] [COPY_TO]
 #
+# DATA_DIR holds pneumoniamnist.npz (default: .gpu/ when bench/gpu_prepare.sh has filled it, else
+# ../shared/data). COPY_TO, when given, receives gpu.md and the logs as well, for a machine that is
+# handed back right after the run. Offline: with .gpu/wheels present (bench/gpu_prepare.sh) the
+# missing packages install from it with --no-index; without it, from PyPI via requirements.txt.
+# About 4 minutes on one H200; each step has its own time limit, 7 minutes in all at the most.
 # On a machine without CUDA it runs nothing, says so and exits 2.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-data=${1:-../shared/data}
+py=${PYTHON:-python3}
+data=${1:-$( [ -f .gpu/pneumoniamnist.npz ] && echo .gpu || echo ../shared/data )}
+copy_to=${2:-}
 
-if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "gpu_check: no CUDA device on this machine (or torch is not installed), so nothing was" \
-       "run and bench/results/gpu.md is unchanged. Run it where 'nvidia-smi' lists a GPU," \
-       "after 'pip install -r requirements.txt'." >&2
+       "run and bench/results/gpu.md is unchanged. Run it where 'nvidia-smi' lists a GPU." >&2
   exit 2
 fi
 if [ ! -f "$data/pneumoniamnist.npz" ]; then
-  echo "gpu_check: $data/pneumoniamnist.npz not found; pass the folder that holds it." >&2
+  echo "gpu_check: $data/pneumoniamnist.npz not found; pass the folder that holds it, or run" \
+       "bench/gpu_prepare.sh first." >&2
   exit 2
 fi
 
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-python -m pip install -q -r requirements.txt pytest
-start=$(date +%s)
-python -m pytest -q 2>&1 | tail -n 1 | tee "$out/pytest.txt"
-tests_s=$(( $(date +%s) - start ))
-for run in quick full; do
-  flags=(--device cuda --data-dir "$data" --outputs "$out/$run")
-  [ "$run" = quick ] && flags+=(--quick)
-  start=$(date +%s)
-  python hw5_dl.py "${flags[@]}" > "$out/$run.log"
-  echo $(( $(date +%s) - start )) > "$out/$run.seconds"
-  tail -n 1 "$out/$run.log"
-done
+if [ -d .gpu/wheels ]; then      # no network: beside what is installed, never over it
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$out/site" \
+    .gpu/wheels/*.whl $(ls .gpu/deps/*.whl 2>/dev/null) || exit 2
+  export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  "$py" -m pip install -q -r requirements.txt pytest || exit 2
+fi
+if ! "$py" -c "import medmnist.dataset, pytorch_grad_cam" 2> "$out/import.log"; then
+  echo "gpu_check: medmnist or grad-cam does not import ($(tail -n 1 "$out/import.log")); fill" \
+       ".gpu/deps with bench/gpu_prepare.sh and carry it too." >&2
+  exit 2
+fi
 
-python - "$out" "$tests_s" <<'PY'
+step() {   # step NAME LIMIT_S COMMAND...: run it, keep its log, exit code and seconds
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo $? > "$out/$name.rc"
+  echo $(( SECONDS - start )) > "$out/$name.seconds"
+  echo "$name: exit $(cat "$out/$name.rc") in $(cat "$out/$name.seconds") s; $(tail -n 1 "$out/$name.log")"
+}
+step tests 150 "$py" -m pytest -q -p no:cacheprovider
+export SYNCS="$out/syncs.json"
+step quick 60 "$py" - --quick --device cuda --data-dir "$data" --outputs "$out/quick" <<'PY'
+# hw5_dl.main under CUDA's sync debug mode: every host-device synchronisation is counted under
+# the innermost hw5_dl function (and line) that caused it.
+import collections, json, os, sys, traceback, warnings
+import torch
+sys.path.insert(0, ".")
+import hw5_dl
+
+syncs, show = collections.Counter(), warnings.showwarning
+def record(message, category, filename, lineno, file=None, line=None):
+    if "synchroniz" not in str(message):
+        return show(message, category, filename, lineno, file, line)
+    frames = [f for f in traceback.extract_stack() if f.filename.endswith("hw5_dl.py")]
+    syncs[f"{frames[-1].name}:{frames[-1].lineno}" if frames else "outside hw5_dl"] += 1
+warnings.showwarning = record
+warnings.simplefilter("always")
+torch.cuda.set_sync_debug_mode("warn")
+code = hw5_dl.main(sys.argv[1:])
+torch.cuda.set_sync_debug_mode(0)
+json.dump(syncs, open(os.environ["SYNCS"], "w"), indent=1)
+print(f"{sum(syncs.values())} synchronisations; by place: {dict(syncs.most_common())}")
+sys.exit(code)
+PY
+step full 240 "$py" hw5_dl.py --device cuda --data-dir "$data" --outputs "$out/full"
+
+"$py" - "$out" <<'PY'
 import json, sys, time
 from pathlib import Path
 import torch
 
-out, tests_s = Path(sys.argv[1]), sys.argv[2]
-gpu = json.loads((out / "full" / "metrics.json").read_text())
-cpu = json.loads(Path("outputs/metrics.json").read_text())
-wall = {run: (out / f"{run}.seconds").read_text().strip() for run in ("quick", "full")}
+out = Path(sys.argv[1])
+def result(name):
+    rc, seconds = ((out / f"{name}.{k}").read_text().strip() for k in ("rc", "seconds"))
+    last = (out / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+    return f"exit {rc} in {seconds} s ({last[0][:120]})"
 lines = [f"# CUDA check ({time.strftime('%Y-%m-%d')})", "",
          f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA "
          f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; TF32 on, no autocast.",
-         "Command: `bash bench/gpu_check.sh`", "",
-         f"- Tests: {(out / 'pytest.txt').read_text().strip()} ({tests_s} s)",
-         f"- `--quick --device cuda`: {wall['quick']} s; default run `--device cuda`: "
-         f"{wall['full']} s wall ({gpu['total_seconds']} s inside the script); the committed "
-         f"CPU run: {cpu['total_seconds']} s on {cpu['threads']} threads.", "",
-         "| model | device | epochs (restored) | train s | training images/s | peak GPU GB "
-         "| test ACC | test AUC | val AUC |", "|---|---|---|---|---|---|---|---|---|"]
-for name, m in gpu["models"].items():
-    for device, run in (("cuda", m), ("cpu", cpu["models"].get(name, {}))):
-        if run.get("status") != "trained" or "history" not in run:
-            continue
-        lines.append(f"| {name} | {device} | {run['epochs_trained']}/{run.get('max_epochs', '?')} "
-                     f"({run['best_epoch']}) | {run['train_seconds']:.0f} | "
-                     f"{run.get('train_images_per_second', float('nan')):,.0f} | "
-                     f"{run.get('peak_gpu_memory_gb', '')} | {run['test']['accuracy']:.3f} | "
-                     f"{run['test']['auc']:.3f} | {run['val']['auc']:.4f} |")
-lines += ["", f"Chosen on validation: cuda {gpu['best_model']}, cpu {cpu['best_model']}. "
-          "Same seed, other hardware: the data order and the initial weights match the CPU run, "
-          "but augmentation and dropout draw from the GPU's own random generator and cuDNN sums "
-          "in another order, so the numbers differ as another seed's would (bench/results/"
-          "recipe.md has the spread over seeds)."]
+         "Command: `bash bench/gpu_check.sh` (bench/README.md, CUDA)", "",
+         f"- Tests: {result('tests')}",
+         f"- `--quick --device cuda` under CUDA's sync debug mode: {result('quick')}",
+         f"- Default run `--device cuda`: {result('full')}"]
+syncs = json.loads((out / "syncs.json").read_text()) if (out / "syncs.json").exists() else {}
+epochs = sum(len(m.get("history", [])) for m in json.loads(
+    (out / "quick" / "metrics.json").read_text())["models"].values()) \
+    if (out / "quick" / "metrics.json").exists() else 0
+loop = {k: n for k, n in syncs.items() if k.startswith(("train_epoch", "augment", "standardize"))}
+lines += [f"- Host-device synchronisations in the quick run: {sum(syncs.values())} in all; inside "
+          f"the training loop {sum(loop.values())} over {epochs} epochs ({loop or 'none'}): "
+          "one read of the summed loss and hits per epoch is expected, one per step would be a "
+          "hidden sync. All places: " + ", ".join(f"{k} {n}" for k, n in syncs.items()), ""]
+if (out / "full" / "metrics.json").exists():
+    gpu = json.loads((out / "full" / "metrics.json").read_text())
+    cpu = json.loads(Path("outputs/metrics.json").read_text())
+    lines += [f"Default run: {gpu['total_seconds']} s inside the script on CUDA; the committed CPU "
+              f"run: {cpu['total_seconds']} s on {cpu['threads']} threads.", "",
+              "| model | device | epochs (restored) | train s | training images/s | peak GPU GB "
+              "| test ACC | test AUC | val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in gpu["models"].items():
+        for device, run in (("cuda", m), ("cpu", cpu["models"].get(name, {}))):
+            if run.get("status") == "trained" and "history" in run:
+                lines.append(
+                    f"| {name} | {device} | {run['epochs_trained']}/{run['max_epochs']} "
+                    f"({run['best_epoch']}) | {run['train_seconds']:.0f} | "
+                    f"{run['train_images_per_second']:,.0f} | {run.get('peak_gpu_memory_gb', '')} "
+                    f"| {run['test']['accuracy']:.3f} | {run['test']['auc']:.3f} | "
+                    f"{run['val']['auc']:.4f} |")
+    lines += ["", f"Chosen on validation: cuda {gpu['best_model']}, cpu {cpu['best_model']}. "
+              "Same seed, other hardware: the data order and the initial weights match the CPU "
+              "run, but augmentation and dropout draw from the GPU's own random generator and "
+              "cuDNN sums in another order, so the numbers differ as another seed's would "
+              "(bench/results/recipe.md has the spread over seeds)."]
 Path("bench/results/gpu.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 print("\n".join(lines))
 PY
-echo "gpu_check: wrote bench/results/gpu.md"
+[ -n "$copy_to" ] && mkdir -p "$copy_to" && cp bench/results/gpu.md "$out"/*.log "$out"/*.json \
+  "$copy_to"/ 2>/dev/null
+echo "gpu_check: wrote bench/results/gpu.md${copy_to:+ (copied to $copy_to)}"
+failed=$(cat "$out"/*.rc | grep -cv '^0$')
+exit $(( failed > 0 ))
