@@ -67,7 +67,8 @@ def model_rows(recipe, setting, runs):
                     f"{mean_std([m['val']['auc'] for m in picked])} | "
                     f"{mean_std([m['test']['accuracy'] for m in picked])} | "
                     f"{mean_std([m['test']['auc'] for m in picked])} | {epochs} | "
-                    f"{statistics.mean(m['train_seconds'] for m in picked):.0f} |")
+                    f"{statistics.mean(m['train_seconds'] for m in picked):.0f} | "
+                    f"{statistics.mean(m['train_images_per_second'] for m in picked):,.0f} |")
     return rows
 
 
@@ -85,7 +86,8 @@ def main():
                               check=True, capture_output=True, text=True).stdout.strip()
     settings = {"all": [], str(args.train_images): ["--train-images", str(args.train_images)]}
     lines = ["| recipe | training images | model | val AUC | test ACC | test AUC | "
-             "best/trained epochs per seed | train s |", "|---|---|---|---|---|---|---|---|"]
+             "best/trained epochs per seed | train s | train images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     walls = {}
     with tempfile.TemporaryDirectory() as folder:
         recipes = {f"baseline ({revision})": (script_at(revision, folder), f"base-{revision}"),

@@ -1,6 +1,5 @@
 """Offline tests of hw5_dl on synthetic data written in medmnist's npz format."""
 import json
-import math
 import shutil
 from dataclasses import replace
 
@@ -147,7 +146,7 @@ def test_freezing_leaves_only_classifier_trainable():
 
 def test_early_stopping_stops_and_restores_best_weights():
     model = nn.Linear(2, 1)
-    stopper = H.EarlyStopping(patience=2)
+    stopper = H.EarlyStopping(patience=2, min_delta=1e-4)
     stopped_at = None
     for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.6, 0.4], 1):
         with torch.no_grad():
@@ -163,9 +162,10 @@ def test_early_stopping_stops_and_restores_best_weights():
 def test_fit_restores_weights_of_best_validation_epoch(data):
     torch.manual_seed(0)
     model = H.SimpleCNN()
-    cfg = H.Config(plateau_steps=4, warmup_steps=4)                   # 4 steps an epoch
-    history, best, planned = H.fit(model, data, cfg, [H.Stage("train", 16, 3e-3)], "test")
-    assert planned == 4
+    cfg = H.Config(plateau_steps=4)                                   # 4 steps an epoch
+    history = []
+    planned, best = H.fit(model, data, cfg, H.Stage("train", 16, 3e-3), history, "test")
+    assert planned == 4 and 1 <= len(history) <= 4
     logits, labels = H.predict_logits(model, data.loaders["val"], data)
     best_row = history[best - 1]
     assert min(h["val_loss"] for h in history) == best_row["val_loss"]
@@ -216,7 +216,7 @@ def test_screening_threshold_buys_recall_when_half_already_meets_the_target():
 def test_gradcam_map_is_not_constant(data):
     torch.manual_seed(0)
     for name, model in [("simple_cnn", H.SimpleCNN()), ("resnet18_scratch", H.build_resnet18())]:
-        H.fit(model, data, H.Config(min_epochs=1), [H.Stage("train", 8, 3e-3)], name)
+        H.fit(model, data, H.Config(min_epochs=1), H.Stage("train", 8, 3e-3), [], name)
         maps = H.gradcam_maps(name, model, data.x["test"][:4], data)
         assert maps.shape == (4, 28, 28)
         assert max(m.std() for m in maps) > 0.01, name
@@ -238,7 +238,7 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     assert m["dataset"] == "pneumoniamnist" and m["size"] == 28 and m["quick"] is True
     assert m["positive_class"] == "pneumonia"
     assert m["device"] == "cpu" and m["seed"] == 0 and m["total_seconds"] > 0
-    assert m["best_model"] in m["models"] and m["best_model"] != "ensemble"
+    assert m["best_model"] in m["models"]
     assert m["selection"]["leader"] in m["selection"]["tied"] and m["best_model"] in \
         m["selection"]["tied"]
     for name in ("simple_cnn", "resnet18_scratch", "resnet18_pretrained"):
@@ -254,8 +254,6 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     stages = [h["stage"] for h in m["models"]["resnet18_pretrained"]["history"]]
     assert stages[0] == "frozen" and stages[-1] == "unfrozen"        # stage 1, then stage 2
     assert stages == sorted(stages)
-    ensemble = m["models"]["ensemble"]
-    assert ensemble["members"] == ["simple_cnn", "resnet18_scratch", "resnet18_pretrained"]
     for r in m["models"].values():
         for key in ("auc", "accuracy", "recall", "specificity"):
             low, high = r["test_ci95"][key]
@@ -355,7 +353,7 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == dataset and m["size"] == size
     assert m["positive_class"] == H.FINDING[dataset]
-    assert m["data_file"]["path"].endswith(f"{dataset}{'' if size == 28 else f'_{size}'}.npz")
+    assert m["data_file"]["name"] == f"{dataset}{'' if size == 28 else f'_{size}'}.npz"
     assert m["data_file"]["md5_expected"] == medmnist.INFO[dataset][
         "MD5" + ("" if size == 28 else f"_{size}")]
     assert all((out / name).exists() for name in OUTPUT_FILES)
@@ -366,7 +364,7 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
                        if v == H.FINDING[dataset]))
     assert data.class_names[1] == H.FINDING[dataset] and data.medmnist_labels[1] == finding
     model = H.build_resnet18(None, 1, size)
-    H.fit(model, data, H.Config(min_epochs=1), [H.Stage("train", 4, 1e-3)], "test")
+    H.fit(model, data, H.Config(min_epochs=1), H.Stage("train", 4, 1e-3), [], "test")
     maps = H.gradcam_maps("resnet18_scratch", model, data.x["test"][:2], data)
     assert maps.shape == (2, size, size)
 
@@ -386,9 +384,6 @@ def test_step_budget_gives_a_small_split_as_many_updates():
     assert small * 4 - cfg.cnn_steps < 4                              # and not much more
     assert H.epoch_budget(cfg.cnn_steps, 10_000, cfg) == cfg.min_epochs  # a huge split: floor
     assert H.epoch_budget(cfg.cnn_steps, 4, H.Config(epochs=7)) == 7     # --epochs caps it
-    plateau = H.plateau_epochs(cfg, 36)                                  # whole epochs, rounded up
-    assert plateau * 36 >= cfg.plateau_steps > (plateau - 1) * 36
-    assert H.plateau_epochs(cfg, 4) == math.ceil(cfg.plateau_steps / 4)
 
 
 def test_fit_on_a_tiny_split_takes_the_step_budget(data):
@@ -396,8 +391,9 @@ def test_fit_on_a_tiny_split_takes_the_step_budget(data):
     small = replace(data, loaders={**data.loaders, "train": H.make_loader(
         data.x["train"][tiny], data.y["train"][tiny], 16, shuffle=True)})  # 2 steps an epoch
     torch.manual_seed(0)
-    cfg = H.Config(plateau_steps=1000, warmup_steps=2)                  # no stop: use the budget
-    history, best, planned = H.fit(H.SimpleCNN(), small, cfg, [H.Stage("train", 30, 3e-3)], "t")
+    cfg = H.Config(plateau_steps=1000)                                  # no stop: use the budget
+    history = []
+    planned, best = H.fit(H.SimpleCNN(), small, cfg, H.Stage("train", 30, 3e-3), history, "t")
     assert planned == 15 and len(history) == 15                          # 30 steps, 2 an epoch
     assert 1 <= best <= 15
 
@@ -405,7 +401,8 @@ def test_fit_on_a_tiny_split_takes_the_step_budget(data):
 def test_fit_stops_early_when_val_loss_stalls(data, monkeypatch):
     monkeypatch.setattr(H, "train_epoch", lambda *args: (0.5, 0.5))   # weights never change
     cfg = H.Config(plateau_steps=3 * len(data.loaders["train"]))      # a plateau is 3 epochs
-    history, best, planned = H.fit(H.SimpleCNN(), data, cfg, [H.Stage("train", 10**4, 1e-3)], "t")
+    history = []
+    planned, best = H.fit(H.SimpleCNN(), data, cfg, H.Stage("train", 10**4, 1e-3), history, "t")
     assert planned > 1000 and best == 1                                # epoch 1 is never beaten
     assert len(history) == 1 + 2 * 3                                   # stopped after 2 plateaus
     lrs = [h["lr"] for h in history]
@@ -428,7 +425,7 @@ def choice_for(val_labels, probs, losses):
     """choose_best on made-up validation predictions and losses."""
     results = {k: dict(val=dict(auc=skm.roc_auc_score(val_labels, p)), val_loss=losses[k])
                for k, p in probs.items()}
-    return H.choose_best(list(probs), results, probs, val_labels, H.Config(bootstrap_resamples=300))
+    return H.choose_best(results, probs, val_labels, H.Config(bootstrap_resamples=300))
 
 
 def test_selection_breaks_val_auc_ties_by_val_loss():
@@ -455,63 +452,3 @@ def test_selection_keeps_a_clear_val_auc_leader():
     best, choice = choice_for(labels, {"simple_cnn": poor, "resnet18_scratch": good},
                               {"simple_cnn": 0.1, "resnet18_scratch": 0.9})
     assert best == "resnet18_scratch" and choice["tied"] == ["resnet18_scratch"]
-
-
-def test_a_run_that_never_stalls_is_annealed_before_its_budget_ends(data, monkeypatch):
-    def warm_up_only(*args):                      # finish the warm-up, leave the weights
-        optimizer, warmup = args[-2:]
-        if warmup.last_epoch < warmup.total_iters:
-            optimizer.step()                      # no gradients: nothing moves
-            warmup.step()
-        return 0.5, 0.5
-    monkeypatch.setattr(H, "train_epoch", warm_up_only)
-    calls = iter(range(1, 100))
-    y = data.y["val"]
-
-    def improving_logits(*args):                  # the val loss falls every epoch: never stalls
-        return (2 * y - 1) * 0.3 * next(calls), y
-    monkeypatch.setattr(H, "predict_logits", improving_logits)
-    cfg = H.Config(plateau_steps=3 * len(data.loaders["train"]), warmup_steps=1)
-    steps = 10 * len(data.loaders["train"])
-    history, best, planned = H.fit(H.SimpleCNN(), data, cfg, [H.Stage("train", steps, 1e-3)], "t")
-    assert planned == len(history) == 10 and best == 10                  # ran the whole budget
-    lrs = [h["lr"] for h in history]
-    assert lrs[7] == pytest.approx(lrs[6] * cfg.lr_drop)                # dropped after epoch 7
-    assert lrs[1:7] == [pytest.approx(1e-3)] * 6                        # the peak until then
-
-
-def test_breastmnist_reports_on_the_malignant_class(tmp_path, monkeypatch, offline):
-    """BreastMNIST's finding, malignant, is medmnist's label 0: it must be the positive class."""
-    from conftest import write_npz
-    import medmnist
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    folder = write_npz(tmp_path, name="breastmnist")
-    medmnist_test = medmnist.BreastMNIST(split="test", root=str(folder)).labels[:, 0]
-    data = H.load_data(H.Config(dataset="breastmnist", data_dir=str(folder)), torch.device("cpu"))
-    assert data.class_names == ["normal, benign", "malignant"] and data.medmnist_labels == [1, 0]
-    assert np.array_equal(data.y["test"].numpy(), medmnist_test == 0)     # 1 = malignant
-    out = tmp_path / "out"
-    assert H.main(["--quick", "--dataset", "breastmnist", "--data-dir", str(folder),
-                   "--outputs", str(out)]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["positive_class"] == "malignant"
-    half, screen = m["operating_points"]["0.5"], m["operating_points"]["screening"]
-    n_malignant = int((medmnist_test == 0).sum())
-    for point in (half, screen):                      # recall counts the malignant films
-        assert point["tp"] + point["fn"] == n_malignant
-        assert point["recall"] == pytest.approx(point["tp"] / n_malignant)
-    assert screen["threshold"] <= 0.5                 # the screening point buys sensitivity
-    assert screen["val_recall"] >= min(0.99, half["val_recall"])
-    assert screen["val_recall"] > half["val_recall"] or half["val_recall"] == 1
-    assert screen["recall"] >= half["recall"] and screen["fn"] <= half["fn"]
-    summary = (out / "summary.md").read_text()
-    assert "**malignant**" in summary and "missed malignant (FN)" in summary
-
-
-def test_binary_dataset_without_a_known_finding_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(H, "FINDING", {"pneumoniamnist": "pneumonia"})
-    code = H.main(["--dataset", "breastmnist", "--data-dir", str(tmp_path), "--outputs",
-                   str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2 and "is the finding" in err and "malignant" in err
-    assert "Traceback" not in err and not (tmp_path / "out").exists()
