@@ -1271,15 +1271,19 @@ def describe_training(name, result):
         return f"{MODEL_NAMES[name]}: {result['reason']}"
     history, best = result["history"], result["best_epoch"]
     at, last = history[best - 1], history[-1]
-    drops = [h["epoch"] - 1 for prev, h in zip(history, history[1:])
+    drops = [str(h["epoch"] - 1) for prev, h in zip(history, history[1:])
              if h["stage"] == prev["stage"] and h["lr"] < prev["lr"]]
-    return (f"{MODEL_NAMES[name]}: "
+    text = (f"{MODEL_NAMES[name]}: "
             + (f"stopped early after epoch {len(history)} of {result['max_epochs']}"
-               if result["stopped_early"] else f"used its budget of {len(history)} epochs")
-            + f"; rate drops after epochs {drops or 'none'}; restored epoch {best}: train/val loss "
-            f"{at['train_loss']:.3f}/{at['val_loss']:.3f}, accuracy {at['train_acc']:.3f}/"
-            f"{at['val_acc']:.3f}; at the last epoch train/val loss {last['train_loss']:.3f}/"
-            f"{last['val_loss']:.3f}.")
+               if result["stopped_early"] else f"used its whole budget of {len(history)} epoch{'s' * (len(history) > 1)}")
+            + (f"; learning rate dropped after epoch {', '.join(drops)}" if drops else
+               "; no rate drop")
+            + f"; restored epoch {best}: train/val loss {at['train_loss']:.3f}/"
+            f"{at['val_loss']:.3f}, accuracy {at['train_acc']:.3f}/{at['val_acc']:.3f}")
+    if best < len(history):
+        text += (f"; at the last epoch train/val loss {last['train_loss']:.3f}/"
+                 f"{last['val_loss']:.3f}")
+    return text + "."
 
 
 def describe_pretraining(results):
@@ -1368,7 +1372,8 @@ def run(cfg):
                    torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                    best_model=best, selection=choice, operating_points=points,
                    auc_difference_vs_best=differences, data_file=data.source,
-                   config=asdict(cfg), models=results,
+                   config={k: v for k, v in asdict(cfg).items()   # no paths of this machine
+                           if k not in ("data_dir", "outputs")}, models=results,
                    total_seconds=round(time.perf_counter() - t0, 1))
     write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     print(f"wrote {out}/ in {metrics['total_seconds']:.0f} s")
