@@ -216,7 +216,7 @@ def test_screening_threshold_buys_recall_when_half_already_meets_the_target():
 def test_gradcam_map_is_not_constant(data):
     torch.manual_seed(0)
     for name, model in [("simple_cnn", H.SimpleCNN()), ("resnet18_scratch", H.build_resnet18())]:
-        H.fit(model, data, H.Config(min_epochs=1), H.Stage("train", 8, 3e-3), [], name)
+        H.fit(model, data, H.Config(), H.Stage("train", 8, 3e-3), [], name)
         maps = H.gradcam_maps(name, model, data.x["test"][:4], data)
         assert maps.shape == (4, 28, 28)
         assert max(m.std() for m in maps) > 0.01, name
@@ -364,7 +364,7 @@ def test_other_binary_dataset_and_size(dataset, size, tmp_path, monkeypatch, off
                        if v == H.FINDING[dataset]))
     assert data.class_names[1] == H.FINDING[dataset] and data.medmnist_labels[1] == finding
     model = H.build_resnet18(None, 1, size)
-    H.fit(model, data, H.Config(min_epochs=1), H.Stage("train", 4, 1e-3), [], "test")
+    H.fit(model, data, H.Config(), H.Stage("train", 4, 1e-3), [], "test")
     maps = H.gradcam_maps("resnet18_scratch", model, data.x["test"][:2], data)
     assert maps.shape == (2, size, size)
 
@@ -382,7 +382,7 @@ def test_step_budget_gives_a_small_split_as_many_updates():
     full, small = H.epoch_budget(cfg.cnn_steps, 36, cfg), H.epoch_budget(cfg.cnn_steps, 4, cfg)
     assert full * 36 >= cfg.cnn_steps and small * 4 >= cfg.cnn_steps   # the whole budget fits
     assert small * 4 - cfg.cnn_steps < 4                              # and not much more
-    assert H.epoch_budget(cfg.cnn_steps, 10_000, cfg) == cfg.min_epochs  # a huge split: floor
+    assert H.epoch_budget(cfg.cnn_steps, 10_000, cfg) == 1              # a huge split: 1 epoch
     assert H.epoch_budget(cfg.cnn_steps, 4, H.Config(epochs=7)) == 7     # --epochs caps it
 
 
