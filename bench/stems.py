@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hw5_dl  # noqa: E402
-from bench.bench import machine  # noqa: E402
+from bench import machine  # noqa: E402  (bench/bench.py, beside this file)
 
 
 def variants():
