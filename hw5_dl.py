@@ -11,9 +11,9 @@ run are written by the run into outputs/summary.md, every number into outputs/me
     python hw5_dl.py --quick                      # smoke run of every part, under a minute on a CPU
 
 Result (bench/results/recipe.md: seeds 0-2 on 2 CPU cores, test split, threshold 0.5): the model
-chosen on validation reaches ACC @RESULT_ACC@ / AUC @RESULT_AUC@ in a default run of about
-@RESULT_TIME@; the MedMNIST v2 paper's ResNet-18 (28), with 3-channel input, a CIFAR-style stem
-and 100 epochs, reaches 0.854 / 0.944.
+chosen on validation (the Simple CNN in every seed) reaches ACC 0.899 +- 0.003 / AUC 0.964 +-
+0.006 in a default run of about 3 minutes; the MedMNIST v2 paper's ResNet-18 (28), with 3-channel
+input, a CIFAR-style stem and 100 epochs, reaches 0.854 / 0.944.
 Early stopping, model selection and every threshold use the validation split; the test split is
 predicted once per model, right after its training.
 """
@@ -891,10 +891,16 @@ def part3_compare(trained, data, cfg, out):
 #
 # 3.3 Which model performs best, and why? The run chooses on validation alone (choose_best) and
 # writes the choice, its margin and how sure the validation split is of it into summary.md (3.3).
-# @DISCUSSION_3_3@ Why the small network is enough: at 28x28 there is little fine structure for
-# ResNet18's 11M parameters (46x the CNN's) to exploit: three conv blocks cover most of a lung
-# and the FC layers combine the whole image, and the limit on test is the shift between source
-# splits, which capacity does not fix. The CNN also trains far faster (images/s in metrics.json).
+# Over seeds 0-2 the Simple CNN is chosen every time and reaches test ACC / AUC 0.899 / 0.964
+# on average, ResNet18 from scratch 0.877 / 0.959 (bench/results/recipe.md). ResNet18's budget,
+# 6 epochs that are still most of the run's time, ends before its val loss stalls (its best
+# epoch is its last or next to last), so it is compared at a fixed cost, not at convergence;
+# with 13 epochs and a rate drop (the previous rule, bench/README.md) it reached 0.892 / 0.964,
+# level with that rule's CNN (0.897 / 0.965) within seed noise. Why the small network is
+# enough: at 28x28 there is little fine structure for ResNet18's 11M parameters (46x the CNN's)
+# to exploit: three conv blocks cover most of a lung and the FC layers combine the whole image,
+# and the limit on test is the shift between source splits, which capacity does not fix. The
+# CNN also trains about 10x faster (images/s in metrics.json).
 
 
 # =============================================================================================
@@ -1324,14 +1330,15 @@ def describe_training(name, result):
     at, last = history[best - 1], history[-1]
     drops = [str(h["epoch"] - 1) for prev, h in zip(history, history[1:])
              if h["stage"] == prev["stage"] and h["lr"] < prev["lr"]]
+    n = len(history)
     text = (f"{MODEL_NAMES[name]}: "
-            + (f"stopped early after epoch {len(history)} of {result['max_epochs']}"
-               if result["stopped_early"] else f"used its whole budget of {len(history)} epoch{'s' * (len(history) > 1)}")
+            + (f"stopped early after epoch {n} of {result['max_epochs']}" if result["stopped_early"]
+               else f"used its whole budget of {n} epoch{'s' * (n > 1)}")
             + (f"; learning rate dropped after epoch {', '.join(drops)}" if drops else
                "; no rate drop")
             + f"; restored epoch {best}: train/val loss {at['train_loss']:.3f}/"
             f"{at['val_loss']:.3f}, accuracy {at['train_acc']:.3f}/{at['val_acc']:.3f}")
-    if best < len(history):
+    if best < n:
         text += (f"; at the last epoch train/val loss {last['train_loss']:.3f}/"
                  f"{last['val_loss']:.3f}")
     return text + "."
@@ -1344,7 +1351,8 @@ def describe_pretraining(results):
                (("resnet18_pretrained", pre), ("resnet18_scratch", scratch))
                if r["status"] != "trained"]
     if missing:
-        return f"This run cannot compare pretrained with from-scratch ResNet18: {'; '.join(missing)}."
+        return ("This run cannot compare pretrained with from-scratch ResNet18: "
+                f"{'; '.join(missing)}.")
     return (f"Pretrained minus from-scratch ResNet18 on test: "
             f"{pre['test']['accuracy'] - scratch['test']['accuracy']:+.3f} accuracy, "
             f"{pre['test']['auc'] - scratch['test']['auc']:+.3f} AUC; val AUC "

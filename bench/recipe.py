@@ -1,6 +1,6 @@
 """Does the training recipe hold on a small training split? Old against new, full and cut data.
 
-    python bench/recipe.py --data-dir ../shared/data --baseline REV     # ~75 minutes on 2 cores
+    python bench/recipe.py --data-dir ../shared/data --baseline REV   # ~20 min a recipe, 2 cores
 
 Runs `hw5_dl.py` as the user would (one subprocess per run, default settings, --device cpu) for
 two recipes: the script at git revision REV (the baseline) and the working tree's script, each on

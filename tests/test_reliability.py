@@ -113,7 +113,7 @@ def test_unavailable_device_exits_2(device, data_dir, tmp_path, capsys):
 
 
 def test_gpu_that_torch_cannot_run_exits_2(data_dir, tmp_path, capsys, monkeypatch):
-    """is_available() is True on a GPU the installed torch has no kernels for; its first op fails."""
+    """is_available() is True on a GPU that the installed torch cannot run: its first op fails."""
     def no_kernel(*args, **kwargs):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
