@@ -88,7 +88,7 @@ class Config:
     plateau_steps: int = 110         # 4 PneumoniaMNIST epochs (rounded up), 28 of 546 images
     lr_drop: float = 0.1
     min_delta: float = 1e-4          # a smaller fall of the val loss counts as a stall
-    cnn_steps: int = 1200            # cap: 34 PneumoniaMNIST epochs; early stopping ends sooner
+    cnn_steps: int = 1200            # cap: 34 PneumoniaMNIST epochs; early stopping often ends it
     cnn_lr: float = 3e-3             # val AUC as high as with 1e-3 in half the epochs (*)
     resnet_steps: int = 200          # 6 PneumoniaMNIST epochs, most of the run's time; on 546
                                      # images its val loss bottoms out well within 200 steps
@@ -490,7 +490,7 @@ def fit(model, data, cfg, stage, history, label):
     Appends a row per epoch to history. ReduceLROnPlateau drops the rate on the plateau-th epoch
     without a lower val loss; the early stopper stops on the second such plateau.
     """
-    # Class imbalance (see 1.2): pneumonia's weight n_normal/n_pneumonia balances the classes.
+    # Class imbalance (see 1.2): the positive class's weight n_negative/n_positive balances them.
     pos_weight = torch.tensor(data.pos_weight, device=data.y["train"].device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     set_trainable(model, stage.head_only)
