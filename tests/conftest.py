@@ -13,7 +13,7 @@ SPLIT_SIZES = {"train": 256, "val": 96, "test": 96}
 FINDING_LABEL = {"pneumoniamnist": 1, "breastmnist": 0}   # medmnist's number for the finding
 
 
-def synthetic_split(n, rng, size=28, finding_label=1):
+def synthetic_split(n, rng, finding_label=1, size=28):
     """Noisy gray 'chest' images; the finding (~70%) adds a bright blob in one lung."""
     finding = rng.random(n) < 0.7
     labels = np.where(finding, finding_label, 1 - finding_label).astype(np.uint8)
@@ -26,15 +26,14 @@ def synthetic_split(n, rng, size=28, finding_label=1):
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels[:, None]
 
 
-def write_npz(folder, name="pneumoniamnist", seed=0, size=28):
-    """Write medmnist's {name}.npz ({name}_{size}.npz) with its keys, shapes, dtypes and labels."""
+def write_npz(folder, name="pneumoniamnist", seed=0):
+    """Write medmnist's {name}.npz with its keys, shapes, dtypes and labels."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in SPLIT_SIZES.items():
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_split(
-            n, rng, size, FINDING_LABEL[name])
-    suffix = "" if size == 28 else f"_{size}"
-    np.savez_compressed(Path(folder) / f"{name}{suffix}.npz", **arrays)
+            n, rng, FINDING_LABEL[name])
+    np.savez_compressed(Path(folder) / f"{name}.npz", **arrays)
     return Path(folder)
 
 
