@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA path, proven on a machine with an NVIDIA GPU: the tests, a --quick run with CUDA's sync
-# debug mode on, and the full default run with --device cuda; then bench/results/gpu.md: wall time,
-# training images/s and peak GPU memory per model, test metrics beside the committed CPU run
+# debug mode on, and the full default run with --device cuda; then bench/results/gpu.md: wall time
+# and training images/s per model, test metrics beside the committed CPU run
 # (outputs/metrics.json), and the host-device synchronisations inside the training loop.
 #
 #   bash bench/gpu_check.sh [DATA_DIR] [COPY_TO]
 #
 # DATA_DIR holds pneumoniamnist.npz (default: .gpu/ when bench/gpu_prepare.sh has filled it, else
-# ../shared/data). COPY_TO, when given, receives gpu.md and the logs as well, for a machine that is
+# data/). COPY_TO, when given, receives gpu.md and the logs as well, for a machine that is
 # handed back right after the run. Offline: with .gpu/wheels present (bench/gpu_prepare.sh) the
 # missing packages install from it with --no-index; without it, from PyPI via requirements.txt.
 # About 4 minutes on one H200; each step has its own time limit, 7 minutes in all at the most.
@@ -15,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-data=${1:-$( [ -f .gpu/pneumoniamnist.npz ] && echo .gpu || echo ../shared/data )}
+data=${1:-$( [ -f .gpu/pneumoniamnist.npz ] && echo .gpu || echo data )}
 copy_to=${2:-}
 
 if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
@@ -90,7 +90,7 @@ def result(name):
     return f"exit {rc} in {seconds} s ({last[0][:120]})"
 lines = [f"# CUDA check ({time.strftime('%Y-%m-%d')})", "",
          f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA "
-         f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; TF32 on, no autocast.",
+         f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; no autocast.",
          "Command: `bash bench/gpu_check.sh` (bench/README.md, CUDA)", "",
          f"- Tests: {result('tests')}",
          f"- `--quick --device cuda` under CUDA's sync debug mode: {result('quick')}",
@@ -102,22 +102,22 @@ epochs = sum(len(m.get("history", [])) for m in json.loads(
 loop = {k: n for k, n in syncs.items() if k.startswith(("train_epoch", "augment", "standardize"))}
 lines += [f"- Host-device synchronisations in the quick run: {sum(syncs.values())} in all; inside "
           f"the training loop {sum(loop.values())} over {epochs} epochs ({loop or 'none'}): "
-          "one read of the summed loss and hits per epoch is expected, one per step would be a "
-          "hidden sync. All places: " + ", ".join(f"{k} {n}" for k, n in syncs.items()), ""]
+          "train_epoch reads the loss and the hits once per step (loss.item()), the plain "
+          "idiom. All places: " + ", ".join(f"{k} {n}" for k, n in syncs.items()), ""]
 if (out / "full" / "metrics.json").exists():
     gpu = json.loads((out / "full" / "metrics.json").read_text())
     cpu = json.loads(Path("outputs/metrics.json").read_text())
     lines += [f"Default run: {gpu['total_seconds']} s inside the script on CUDA; the committed CPU "
               f"run: {cpu['total_seconds']} s on {cpu['threads']} threads.", "",
-              "| model | device | epochs (restored) | train s | training images/s | peak GPU GB "
-              "| test ACC | test AUC | val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+              "| model | device | epochs (restored) | train s | training images/s "
+              "| test ACC | test AUC | val AUC |", "|---|---|---|---|---|---|---|---|"]
     for name, m in gpu["models"].items():
         for device, run in (("cuda", m), ("cpu", cpu["models"].get(name, {}))):
             if run.get("status") == "trained" and "history" in run:
                 lines.append(
                     f"| {name} | {device} | {run['epochs_trained']}/{run['max_epochs']} "
                     f"({run['best_epoch']}) | {run['train_seconds']:.0f} | "
-                    f"{run['train_images_per_second']:,.0f} | {run.get('peak_gpu_memory_gb', '')} "
+                    f"{run['train_images_per_second']:,.0f} "
                     f"| {run['test']['accuracy']:.3f} | {run['test']['auc']:.3f} | "
                     f"{run['val']['auc']:.4f} |")
     lines += ["", f"Chosen on validation: cuda {gpu['best_model']}, cpu {cpu['best_model']}. "

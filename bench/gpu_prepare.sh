@@ -10,10 +10,10 @@
 #   .gpu/pneumoniamnist.npz   the data, checked against the official md5.
 # Wheels are for the GPU machine's Python: CPython 3.12, manylinux x86-64.
 #
-#   bash bench/gpu_prepare.sh [DATA_DIR]      # DATA_DIR holds pneumoniamnist.npz (../shared/data)
+#   bash bench/gpu_prepare.sh [DATA_DIR]      # DATA_DIR holds pneumoniamnist.npz (default: data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${1:-../shared/data}
+data=${1:-data}
 py=${PYTHON:-python3}
 md5=28209eda62fecd6e6a2d98b1501bb15f
 spec() { grep -oE "^$1[^ ]*" requirements.txt; }     # e.g. medmnist>=3.0.2
