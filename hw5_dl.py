@@ -72,14 +72,14 @@ class Config:
     contrast: float = 0.2            # factor in [0.8, 1.2]: so does the window/level
     # Training (2.2), one rule for every model: Adam; the learning rate drops 10x after
     # `drop_after` epochs without a lower validation loss, training stops after `stop_after`
-    # such epochs and the epoch with the lowest validation loss is restored. 3 and 6 stopped
-    # the CNN on a lucky early val loss at the high rate; 4 and 8 reach a lower one (bench/).
+    # such epochs and the epoch with the lowest validation loss is restored. Patience of several
+    # epochs: at the first rate the val loss jumps from epoch to epoch (part2_training_curves).
     drop_after: int = 4
     stop_after: int = 8              # leaves 4 epochs at the lower rate to find a new best
     cnn_epochs: int = 40
-    cnn_lr: float = 3e-3             # val AUC as high as with 1e-3 in half the epochs
+    cnn_lr: float = 3e-3             # BatchNorm lets it train fast; the rate drops when it stalls
     resnet_epochs: int = 20
-    resnet_lr: float = 1e-3          # 2e-3 and 5e-4 gave lower val AUC
+    resnet_lr: float = 1e-3          # Adam's default: 11M parameters, no dropout, a lower rate
     head_epochs: int = 2             # fine-tuning stage 1: only the new classifier learns
     head_lr: float = 1e-3
     finetune_epochs: int = 20        # stage 2: everything learns, as long as from scratch
@@ -379,7 +379,7 @@ def plot_training_curves(results, path, title):
         for ax, (metric, what) in zip(row, (("loss", "weighted BCE loss"), ("acc", "accuracy"))):
             for split in ("train", "val"):
                 ax.plot([e["epoch"] for e in h], [e[f"{split}_{metric}"] for e in h], "o-", ms=3,
-                        label="train (augmented, dropout on)" if split == "train" else "val")
+                        label="train (augmented, training mode)" if split == "train" else "val")
             for prev, e in zip(h, h[1:]):
                 if prev["stage"] != e["stage"]:
                     ax.axvline(e["epoch"] - 0.5, color="tab:red", ls=":", label="stage 2 "
@@ -391,13 +391,13 @@ def plot_training_curves(results, path, title):
                        f"{r['best_epoch']}")
             ax.axvline(len(h) + 0.5, color="black", label=f"{r['ended']} after epoch {len(h)}")
             ax.set(xlabel="epoch", ylabel=what, title=f"{MODEL_NAMES[name]}: {what}",
-                   xlim=(0.5, r["max_epochs"] + 1))
+                   xlim=(0.5, len(h) + 1))
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
         labels = dict(zip(*reversed(ax.get_legend_handles_labels())))   # one entry per label
         ax.legend(labels.values(), labels, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
-    fig.supxlabel("\n".join(f"No curves for {MODEL_NAMES[k]}: {r['reason']}"
+    fig.supxlabel("\n".join(f"No curves for {MODEL_NAMES[k]}: {r['reason']}".replace("; ", ";\n")
                             for k, r in results.items() if k not in trained), fontsize=9)
     save_figure(fig, path)
 
@@ -436,8 +436,8 @@ def train_model(name, build, stages, data, cfg, device):
 
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
-    # channels_last speeds up the CNN's CPU epochs (bench/README.md); on Apple MPS it has given
-    # silently wrong weight updates (pytorch/pytorch#118115), so GPUs keep the default layout.
+    # channels_last speeds up the CNN's CPU epochs; on Apple MPS it has given silently wrong
+    # weight updates (a known PyTorch bug), so GPUs keep the default layout.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_epochs, cfg.cnn_lr)], data, cfg, device)
@@ -450,7 +450,7 @@ def part2_simple_cnn(data, cfg, out, device):
 # validation loss that turns upward while the training loss keeps falling, with a widening
 # train/val accuracy gap. part2_training_curves.png marks each rate drop, the restored epoch
 # (lowest val loss) and the early stop. In the run in outputs/ the val loss jumps from epoch to
-# epoch at the first rate but follows the training loss down; after the rate drop (epoch 16)
+# epoch at the first rate but follows the training loss down; after the rate drop (from epoch 17)
 # the jumps stop, and 8 epochs without a new low after epoch 21 end training. At the restored
 # epoch train/val loss are 0.036/0.032 and accuracy 0.969/0.975: no overfitting, consistent with
 # augmentation and dropout (training is measured on augmented batches with dropout on).
@@ -594,9 +594,9 @@ def part3_compare(trained, data, cfg, out):
 # overwritten, under the same rule and cap as from scratch; each stage restores its best epoch.
 # The run in outputs/ had no ImageNet weights (no internet where it was made): its pretrained
 # row says "not run" and nothing stands in for it (summary.md 3.2 compares the two when the
-# weights are there). Published, not this run: at 28x28, MedMNIST+ reports ImageNet-pretrained
-# ResNet18 at test ACC / AUC 0.831 / 0.950, the MedMNIST v2 paper ResNet-18 from scratch at
-# 0.854 / 0.944 (3-channel input, other stems and schedules).
+# weights are there). Published, not this run: at 28x28, MedMNIST+ (Doerrich et al., 2024)
+# reports ImageNet-pretrained ResNet18 at test ACC / AUC 0.831 / 0.950, MedMNIST v2 (Yang et
+# al., Scientific Data 2023) ResNet-18 from scratch at 0.854 / 0.944 (3-channel input).
 #
 # 3.3 Which model performs best, and why?
 # Validation alone chooses (part3_compare; table and choice in part3_model_comparison.md). The
@@ -607,7 +607,7 @@ def part3_compare(trained, data, cfg, out):
 # seeds 0-2: CNN 0.903 / 0.966, ResNet18 0.900 / 0.971. Neither is clearly best: at 28x28 there
 # is little fine structure for ResNet18's 11M parameters (46x the CNN's) to exploit, and the
 # limit on test is the shift between source splits, which capacity does not fix. The CNN gives
-# the same answer in a third of the time (62 s against 178 s in outputs/).
+# the same answer in about a third of ResNet18's training time.
 
 
 # ==================== Part 4: evaluation of the best model ===================================
@@ -806,8 +806,9 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # pneumonia. Three of the six most confident false positives (p = 1.00) are bright, low-contrast
 # films with uniformly gray lungs, like the true positives above them: at 28x28 a hazy exposure
 # looks like a diffuse opacity; the other three show clear lungs, no cause visible at this size.
-# The true negatives are high-contrast films with dark, aerated lungs. The false negatives
-# (p = 0.14-0.45, four of six near 0.5) have dark, clear lungs; the screening point finds all 8.
+# The true negatives are high-contrast films with dark, aerated lungs. Four of the six false
+# negatives shown (p = 0.14-0.34) have dark, clear lungs; the two nearest the threshold (0.40,
+# 0.45) are lighter and hazier. The screening point finds all 8.
 
 # ==================== Part 5: interpretability ===============================================
 def plot_filters(models, path, cols=16):
@@ -825,7 +826,8 @@ def plot_filters(models, path, cols=16):
             ax.imshow(k, cmap="bwr", vmin=-np.abs(k).max(), vmax=np.abs(k).max())
         for ax in band.axes:
             ax.set_axis_off()
-        band.suptitle(f"{MODEL_NAMES[name]}: conv1, {len(w)} filters {w.shape[1]}x{w.shape[2]}",
+        band.suptitle(f"{MODEL_NAMES[name]}: first conv layer, {len(w)} filters "
+                      f"{w.shape[1]}x{w.shape[2]}",
                       fontsize=10)
     fig.suptitle("First-layer filters, each on its own symmetric scale ±max|weight|: "
                  "red positive, blue negative, white zero", fontsize=10)
@@ -891,17 +893,16 @@ def part5_interpret(trained, best, data, device, out):
 # others are blobs or uniform brightness, most are irregular mixes: 3x3 leaves little room.
 # ResNet18's 7x7 filters from scratch look like noise: with a stride-2 stem and BatchNorm after
 # it, on 4,708 images of 28x28, they act as a learned down-sampling, not clean edge detectors.
-# ImageNet-pretrained filters, when the weights are there, add a band of smooth edges and blobs.
+# With ImageNet weights a third band would show the pretrained filters (not in this run).
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png; each map explains
 # the class that model predicts.) Partly, in the run in outputs/:
 # - True positives: the CNN's pneumonia evidence is a central blob over the heart and the medial
-#   lung bases, where lower-lobe consolidation blurs the heart border (the silhouette sign).
-#   ResNet18's layer2 map (4x4) marks a spot low in the midline: a region, not a finding.
+#   lung bases, where consolidation would blur the lung's borders; at 7x7 it is a region, no more.
 # - True negatives: the CNN's "normal" evidence lies on the dark, aerated upper lung zones, but
 #   in one film its strongest spot is the bottom-right corner, outside the body: a shortcut.
-#   ResNet18 marks the same spot, low right of centre, in both films and in the false positive:
-#   a fixed position, not anatomy, another hint of a shortcut.
+# - ResNet18's layer2 maps (4x4) show one spot low, right of centre, in five of the six films,
+#   whichever class they explain: a fixed position, not anatomy, so they say little.
 # - False positive (normal called pneumonia, p = 1.00): the CNN lights the same central region
 #   as for its true positives (4.3: hazy exposure looks like diffuse opacity).
 # - False negative (pneumonia called normal, p = 0.14): no opacity is visible at 28x28; the CNN's
@@ -915,9 +916,9 @@ def part5_interpret(trained, best, data, device, out):
 #    the highest threshold that keeps it (the screening point: val recall >= 0.99, more than 0.5
 #    gives; summary.md has this run's). In outputs/: t = 0.077, test sensitivity 1.000 and
 #    specificity 0.538, no missed pneumonia instead of 8 for 108 false alarms instead of 49. The
-#    threshold is low because probabilities crowd near 0 and 1 (4.2), and the specificity it
-#    leaves is lower on test than on validation: normal films shift between the source splits,
-#    so a threshold must be re-checked, and re-chosen if needed, on the deploying site's data.
+#    threshold is low because probabilities crowd near 0 and 1 (4.2) and pos_weight ~0.35 lowers
+#    P(pneumonia) for every film. Its specificity is lower on test than on validation: normal
+#    films shift between source splits, so it must be re-chosen on the deploying site's data.
 #    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
 #    most dangerous in young children. A false positive costs a radiologist's second look,
 #    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. A missed case
@@ -942,7 +943,7 @@ def write_summary(results, best, points, data, cfg, path):
     half, screen = points["0.5"], points["screening"]
     scratch, pre = results["resnet18_scratch"], results["resnet18_pretrained"]
     md = [f"# This run in numbers: {data.name}, seed {cfg.seed}"
-          + (" (--quick: a smoke run, not a result)" if cfg.quick else ""), "",
+          + (" (--quick: a check that every part runs, not a result)" if cfg.quick else ""), "",
           f"Positive class (the finding): **{pos}** (medmnist label {data.finding_label}). Test "
           "metrics of every model and the choice of model: part3_model_comparison.md.", "",
           "## 3.2 Pretrained against from scratch", "",
@@ -1032,7 +1033,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrained-weights", default=d.pretrained_weights, metavar="PATH",
                    help="torchvision ResNet18 state dict; default: torchvision's download/cache")
     p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(FINDING)}")
-    p.add_argument("--quick", action="store_true", help="smoke run: every part, 512 images")
+    p.add_argument("--quick", action="store_true", help="check every part on 512 images")
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2**32 or args.epochs < 0:
         p.error("--seed must be from 0 to 2**32 - 1 and --epochs 0 or more")

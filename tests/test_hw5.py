@@ -254,7 +254,7 @@ def test_main_quick_writes_every_output(data_dir, resnet18_state_path, tmp_path,
     assert screening["threshold"] <= 0.5
     assert screening["val_recall"] > half["val_recall"] or half["val_recall"] == 1
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    assert f"t = {screening['threshold']:.3f}" in summary and "smoke run" in summary
+    assert f"t = {screening['threshold']:.3f}" in summary and "not a result" in summary
 
 
 def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypatch, offline):
