@@ -72,8 +72,8 @@ class Config:
     contrast: float = 0.2            # factor in [0.8, 1.2]: so does the window/level
     # Training (2.2), one rule for every model: Adam; the learning rate drops 10x after
     # `drop_after` epochs without a lower validation loss, training stops after `stop_after`
-    # such epochs and the epoch with the lowest validation loss is restored. Patience of several
-    # epochs: at the first rate the val loss jumps from epoch to epoch (part2_training_curves).
+    # such epochs and the best epoch (lowest val loss) is restored. Patience spans several epochs:
+    # at the first rate the val loss jumps from epoch to epoch (part2_training_curves.png).
     drop_after: int = 4
     stop_after: int = 8              # leaves 4 epochs at the lower rate to find a new best
     cnn_epochs: int = 40
@@ -251,11 +251,11 @@ def part1_data(data, cfg, out):
 # shows it the variation it will meet anyway (patient positioning -> small rotations; exposure
 # and scanner settings -> brightness and contrast), so it learns the disease, not the pixels.
 # Augmentations must keep the label and the anatomy plausible. The rubric's horizontal flip is
-# clinically questionable: it puts the heart on the right (dextrocardia, very rare) and moves
-# the side markers; we keep it (p=0.5) because pneumonia can sit in either lung and at 28x28
-# the heart shadow is a weak cue. Large rotations, crops that cut off a lung, elastic warps or
-# inverted intensities would create anatomy or physics that does not exist; so would the black
-# corners of a rotation padded with zeros, which ours fills by reflection.
+# clinically questionable (the heart on the right is very rare, and side markers move); we keep
+# it (p=0.5) because pneumonia can sit in either lung and at 28x28 the heart is a weak cue.
+# Large rotations, crops that cut off a lung, elastic warps or inverted intensities would create
+# anatomy or physics that does not exist, as would a rotation's black corners (ours reflects).
+
 
 # ==================== Part 2: a simple CNN ===================================================
 class SimpleCNN(nn.Module):
@@ -391,7 +391,7 @@ def plot_training_curves(results, path, title):
                        f"{r['best_epoch']}")
             ax.axvline(len(h) + 0.5, color="black", label=f"{r['ended']} after epoch {len(h)}")
             ax.set(xlabel="epoch", ylabel=what, title=f"{MODEL_NAMES[name]}: {what}",
-                   xlim=(0.5, len(h) + 1))
+                   xlim=(0.5, len(h) + 1), yscale="log" if metric == "loss" else "linear")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
         labels = dict(zip(*reversed(ax.get_legend_handles_labels())))   # one entry per label
@@ -449,15 +449,15 @@ def part2_simple_cnn(data, cfg, out, device):
 # 2.3 Discussion: is the model overfitting, and how can you tell? Overfitting shows as a
 # validation loss that turns upward while the training loss keeps falling, with a widening
 # train/val accuracy gap. part2_training_curves.png marks each rate drop, the restored epoch
-# (lowest val loss) and the early stop. In the run in outputs/ the val loss jumps from epoch to
-# epoch at the first rate but follows the training loss down; after the rate drop (from epoch 17)
-# the jumps stop, and 8 epochs without a new low after epoch 21 end training. At the restored
-# epoch train/val loss are 0.036/0.032 and accuracy 0.969/0.975: no overfitting, consistent with
-# augmentation and dropout (training is measured on augmented batches with dropout on).
-# The large gap is between validation (~0.97 accuracy) and test (~0.90): the test split comes
-# from another source split of the original data, so it most likely measures a dataset shift,
-# not overfitting, and nothing is tuned on it. Validation was split off the source's training
-# images, possibly with films of the same patients on both sides, so it is optimistic too.
+# (lowest val loss) and the early stop. In outputs/ the val loss jumps at the first rate but
+# follows the training loss down; from the rate drop (epoch 17) on it is steady, and 8 epochs
+# without a new low after epoch 21 end training. At the restored epoch train/val loss are
+# 0.036/0.032, accuracy 0.969/0.975: no overfitting (augmentation and dropout regularise). The
+# large gap is between validation (~0.97 accuracy) and test (~0.90): the test split comes from
+# another source split of the original data, a dataset shift rather than overfitting, and
+# nothing is tuned on it. Validation, split off the source's training images (perhaps with
+# films of the same patients on both sides), is optimistic too.
+
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
 def gray_conv1(conv):
@@ -474,7 +474,7 @@ def build_resnet18(state_dict=None):
     Its stem (7x7 stride-2 conv, stride-2 max-pool) leaves 7x7 for layer1, 4x4 for layer2 (read
     by Grad-CAM) and 1x1 after layer4 at 28x28. We keep it: pretrained weights fit it, and it
     trains about twice as fast as without the max-pool (bench/results/stems.md), which lets
-    ResNet18 train until its validation loss stops falling within the run's few minutes.
+    ResNet18 train past its rate drop and its best epoch within the run's few minutes.
     """
     model = torchvision.models.resnet18()
     if state_dict is not None:
@@ -580,12 +580,11 @@ def part3_compare(trained, data, cfg, out):
 
 
 # 3.1 Discussion: why might ImageNet pretrained weights help for medical images?
-# X-rays are not natural photos, but the early layers of an ImageNet network are generic: edges,
-# blobs, gradients and textures at several scales, which is also what a lung field, a rib edge or
-# an opacity is made of. Starting from them, the network needs fewer labelled images and epochs
-# to learn the task-specific later layers, and overfits less than 11M random parameters trained
-# on 4,708 images. The gain shrinks far from ImageNet's domain and at 28x28, below the scale those
-# filters were learned at: hence the comparison with the same network from scratch.
+# X-rays are not photos, but an ImageNet network's early layers are generic (edges, blobs,
+# gradients, textures at several scales), and lung fields, rib edges and opacities are made of
+# them. From there the network needs fewer labelled images and epochs to learn the task's later
+# layers, and overfits less than 11M random parameters on 4,708 images. The gain shrinks far
+# from ImageNet's domain and at 28x28, below the scale those filters were learned at.
 #
 # 3.2 Fine-tuning strategy: stage 1 freezes the backbone and trains only the new head, so its
 # random weights cannot send large, noisy gradients into the pretrained features (BatchNorm
@@ -593,8 +592,8 @@ def part3_compare(trained, data, cfg, out):
 # Stage 2 unfreezes everything at a ~3x lower rate, so the features are adjusted rather than
 # overwritten, under the same rule and cap as from scratch; each stage restores its best epoch.
 # The run in outputs/ had no ImageNet weights (no internet where it was made): its pretrained
-# row says "not run" and nothing stands in for it (summary.md 3.2 compares the two when the
-# weights are there). Published, not this run: at 28x28, MedMNIST+ (Doerrich et al., 2024)
+# row says "not run", nothing stands in for it (summary.md 3.2 compares the two when the weights
+# are there). Published, not this run: at 28x28, MedMNIST+ (Doerrich et al., 2024)
 # reports ImageNet-pretrained ResNet18 at test ACC / AUC 0.831 / 0.950, MedMNIST v2 (Yang et
 # al., Scientific Data 2023) ResNet-18 from scratch at 0.854 / 0.944 (3-channel input).
 #
@@ -606,8 +605,8 @@ def part3_compare(trained, data, cfg, out):
 # of the difference contains 0) and the CNN is more accurate at 0.5 (0.909 against 0.894); over
 # seeds 0-2: CNN 0.903 / 0.966, ResNet18 0.900 / 0.971. Neither is clearly best: at 28x28 there
 # is little fine structure for ResNet18's 11M parameters (46x the CNN's) to exploit, and the
-# limit on test is the shift between source splits, which capacity does not fix. The CNN gives
-# the same answer in about a third of ResNet18's training time.
+# limit on test is the shift between source splits, which capacity does not fix. The CNN gets
+# there in about 30% of ResNet18's training time (part3_model_comparison.md).
 
 
 # ==================== Part 4: evaluation of the best model ===================================
@@ -784,11 +783,10 @@ def part4_evaluate(best, chosen, data, cfg, out):
     return points
 
 
-# 4.1 Which metric matters most for pneumonia screening? Recall (sensitivity): a missed
-# pneumonia goes home untreated, while a false alarm costs a second read or a follow-up film.
-# Recall alone is gamed by calling everyone sick, so it is read with specificity (or precision)
-# and the threshold-free AUC: a screening tool fixes a recall target on validation and reports
-# the specificity that is left (the screening point of 4.2).
+# 4.1 Which metric matters most for pneumonia screening? Recall (sensitivity): a missed pneumonia
+# goes home untreated, a false alarm costs a second read or a follow-up film. Calling everyone
+# sick games recall, so it is read with specificity (or precision) and the threshold-free AUC:
+# screening fixes a recall target on validation and reports the specificity left (4.2).
 #
 # 4.2 Operating points and calibration. Three thresholds are fixed on validation, then read on
 # test (summary.md 4.2; part4_roc_pr.png marks them and zooms in): 0.5; the maximum of Youden's
@@ -807,8 +805,9 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # films with uniformly gray lungs, like the true positives above them: at 28x28 a hazy exposure
 # looks like a diffuse opacity; the other three show clear lungs, no cause visible at this size.
 # The true negatives are high-contrast films with dark, aerated lungs. Four of the six false
-# negatives shown (p = 0.14-0.34) have dark, clear lungs; the two nearest the threshold (0.40,
-# 0.45) are lighter and hazier. The screening point finds all 8.
+# negatives shown (p = 0.14-0.34) have dark, clear lungs; at 0.40 a lighter, hazier film, at
+# 0.45 one of low contrast. The screening point finds all 8.
+
 
 # ==================== Part 5: interpretability ===============================================
 def plot_filters(models, path, cols=16):
@@ -888,17 +887,17 @@ def part5_interpret(trained, best, data, device, out):
 
 
 # 5.1 What patterns do the filters detect? (part5_filters.png; each filter on its own colour
-# scale: compare shapes, not strengths.) A few of the CNN's 3x3 filters are oriented edge
-# detectors, a positive row or column beside a negative one (rib, diaphragm, lung borders);
-# others are blobs or uniform brightness, most are irregular mixes: 3x3 leaves little room.
+# scale: compare shapes, not strengths.) A few of the CNN's 3x3 filters resemble oriented edge
+# detectors, a positive row or column beside a negative one; others are blobs or uniform
+# brightness, most are irregular mixes: 3x3 leaves little room.
 # ResNet18's 7x7 filters from scratch look like noise: with a stride-2 stem and BatchNorm after
 # it, on 4,708 images of 28x28, they act as a learned down-sampling, not clean edge detectors.
 # With ImageNet weights a third band would show the pretrained filters (not in this run).
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png; each map explains
 # the class that model predicts.) Partly, in the run in outputs/:
-# - True positives: the CNN's pneumonia evidence is a central blob over the heart and the medial
-#   lung bases, where consolidation would blur the lung's borders; at 7x7 it is a region, no more.
+# - True positives: the CNN's pneumonia evidence is a blob centred on the mediastinum (the heart
+#   shadow), not on the lung fields: at 7x7 it reads the central brightness, not an opacity.
 # - True negatives: the CNN's "normal" evidence lies on the dark, aerated upper lung zones, but
 #   in one film its strongest spot is the bottom-right corner, outside the body: a shortcut.
 # - ResNet18's layer2 maps (4x4) show one spot low, right of centre, in five of the six films,
@@ -909,6 +908,7 @@ def part5_interpret(trained, best, data, device, out):
 #   "normal" evidence is the upper lung zones and the right edge.
 # At 28x28 a 7x7 or 4x4 map localises only coarsely: a sanity check that exposes shortcuts
 # (image edges, overall brightness, fixed positions), not proof of clinical validity.
+
 
 # ==================== Reflection questions ===================================================
 # 1. Clinical deployment: which threshold, and what do false positives and negatives cost?
@@ -935,6 +935,7 @@ def part5_interpret(trained, best, data, device, out):
 #    but plausible augmentation; patient-level splits, cross-validation and external test sites;
 #    a hyperparameter search on validation only; calibrated probabilities with intervals;
 #    ensembles; heatmaps checked by radiologists or against lung segmentations (shortcuts).
+
 
 # ==================== The whole run ==========================================================
 def write_summary(results, best, points, data, cfg, path):
@@ -994,8 +995,8 @@ def run(cfg):
                    torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                    data_file=f"{cfg.dataset}.npz", data_md5=data.md5, best_model=best,
                    auc_difference_vs_best=differences, operating_points=points, models=results,
-                   config={k: v for k, v in asdict(cfg).items() if k not in ("data_dir",
-                                                                              "outputs")},
+                   config={k: v for k, v in asdict(cfg).items()
+                           if k not in ("data_dir", "outputs")},
                    total_seconds=round(time.perf_counter() - start, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float),
                                       encoding="utf-8")
