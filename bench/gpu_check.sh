@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The CUDA path, proven on a machine with an NVIDIA GPU: the tests, a --quick run with CUDA's sync
 # debug mode on, and the full default run with --device cuda; then bench/results/gpu.md: wall time
-# and training images/s per model, test metrics beside the committed CPU run
+# and training time per model, test metrics beside the committed CPU run
 # (outputs/metrics.json), and the host-device synchronisations inside the training loop.
 #
 #   bash bench/gpu_check.sh [DATA_DIR] [COPY_TO]
 #
 # DATA_DIR holds pneumoniamnist.npz (default: .gpu/ when bench/gpu_prepare.sh has filled it, else
-# data/). COPY_TO, when given, receives gpu.md and the logs as well, for a machine that is
-# handed back right after the run. Offline: with .gpu/wheels present (bench/gpu_prepare.sh) the
-# missing packages install from it with --no-index; without it, from PyPI via requirements.txt.
-# About 4 minutes on one H200; each step has its own time limit, 7 minutes in all at the most.
+# data/). COPY_TO, when given, receives gpu.md and the logs as well, for a machine whose disk is
+# discarded after the run (a Colab or cloud session). Offline: with .gpu/wheels present
+# (bench/gpu_prepare.sh) the missing packages install from it with --no-index; without it, from
+# PyPI via requirements.txt. Each step has its own time limit, 7 minutes in all at the most.
 # On a machine without CUDA it runs nothing, says so and exits 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,15 +109,14 @@ if (out / "full" / "metrics.json").exists():
     cpu = json.loads(Path("outputs/metrics.json").read_text())
     lines += [f"Default run: {gpu['total_seconds']} s inside the script on CUDA; the committed CPU "
               f"run: {cpu['total_seconds']} s on {cpu['threads']} threads.", "",
-              "| model | device | epochs (restored) | train s | training images/s "
-              "| test ACC | test AUC | val AUC |", "|---|---|---|---|---|---|---|---|"]
+              "| model | device | epochs (restored) | train s | test ACC | test AUC | val AUC |",
+              "|---|---|---|---|---|---|---|"]
     for name, m in gpu["models"].items():
         for device, run in (("cuda", m), ("cpu", cpu["models"].get(name, {}))):
             if run.get("status") == "trained" and "history" in run:
                 lines.append(
                     f"| {name} | {device} | {run['epochs_trained']}/{run['max_epochs']} "
-                    f"({run['best_epoch']}) | {run['train_seconds']:.0f} | "
-                    f"{run['train_images_per_second']:,.0f} "
+                    f"({run['best_epoch']}) | {run['train_seconds']:.0f} "
                     f"| {run['test']['accuracy']:.3f} | {run['test']['auc']:.3f} | "
                     f"{run['val']['auc']:.4f} |")
     lines += ["", f"Chosen on validation: cuda {gpu['best_model']}, cpu {cpu['best_model']}. "

@@ -5,10 +5,11 @@
 #                  pytest lacks: medmnist and grad-cam (versions from requirements.txt), ttach, fire
 #                  and fire's termcolor. Under 1 MB: it travels with every check.
 #   .gpu/deps/     what such a Python may lack besides: pandas and scikit-image (imported by
-#                  medmnist), opencv-python-headless (by grad-cam), and their own needs. About 85 MB,
-#                  over what a device call carries (64 MiB); the lent GPU machines have them all.
+#                  medmnist), opencv-python-headless (by grad-cam), and their own needs. About 85 MB:
+#                  copy it too where the GPU machine lacks those three.
 #   .gpu/pneumoniamnist.npz   the data, checked against the official md5.
-# Wheels are for the GPU machine's Python: CPython 3.12, manylinux x86-64.
+# Wheels are for the GPU machine's Python (CPython 3.12, manylinux x86-64; change
+# --python-version below for another).
 #
 #   bash bench/gpu_prepare.sh [DATA_DIR]      # DATA_DIR holds pneumoniamnist.npz (default: data)
 set -euo pipefail
