@@ -156,8 +156,8 @@ def test_read_only_outputs_exit_2(data_dir, tmp_path, capsys, offline, monkeypat
     assert code == 2 and "error: --outputs" in err
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "-1"], ["--epochs", "x"], ["--seed", "-1"],
-                                  ["--seed", str(2**32)], ["--seed", "1.5"], ["--device", "tpu"]])
+@pytest.mark.parametrize("argv", [["--seed", "-1"], ["--seed", str(2**32)], ["--seed", "1.5"],
+                                  ["--device", "tpu"]])
 def test_impossible_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         H.parse_args(argv)
@@ -172,7 +172,7 @@ def test_run_completes_when_the_console_cannot_encode_unicode(data_dir, resnet18
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONIOENCODING": "cp1252", "TORCH_HOME": str(tmp_path / "torch")}
     with open(tmp_path / "log.txt", "wb") as log:
-        done = subprocess.run([sys.executable, str(ROOT / "hw5_dl.py"), "--quick", "--epochs", "1",
+        done = subprocess.run([sys.executable, str(ROOT / "hw5_dl.py"), "--quick",
                                "--data-dir", str(data_dir), "--outputs", str(out),
                                "--pretrained-weights", str(resnet18_state_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -185,14 +185,14 @@ def test_same_seed_gives_identical_metrics(data_dir, tmp_path, monkeypatch, offl
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     def metrics(folder):
-        assert H.main(["--quick", "--epochs", "1", "--data-dir", str(data_dir), "--device",
+        assert H.main(["--quick", "--data-dir", str(data_dir), "--device",
                        "cpu", "--outputs", str(folder)]) == 0   # GPUs promise no bit-identity
         return strip(json.loads((folder / "metrics.json").read_text()))
 
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items()
-                    if k not in {"total_seconds", "train_seconds", "train_images_per_second"}}
+                    if k not in {"total_seconds", "train_seconds"}}
         return [strip(v) for v in value] if isinstance(value, list) else value
 
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
