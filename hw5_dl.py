@@ -9,7 +9,7 @@ comments beside the code that makes their evidence. The comments say what holds 
     python hw5_dl.py --quick            # every part on 512 images, under a minute on a CPU
 
 Result (bench/results/recipe.md, seeds 0-2, test split, threshold 0.5): the model chosen on
-validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of about 4 minutes
+validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of 4-5 minutes
 on 2 CPU cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, the choice of model and every threshold use the validation split; the test split
 is predicted once per model, right after its training.
@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 MODEL_NAMES = {"simple_cnn": "Simple CNN", "resnet18_scratch": "ResNet18 (from scratch)",
                "resnet18_pretrained": "ResNet18 (pretrained)"}
-# The finding is the positive class (label 1 from load_data on), whatever medmnist's number for
-# it: label names do not say which class is the disease (BreastMNIST's label 0 is "malignant").
-FINDING = {"pneumoniamnist": "pneumonia", "breastmnist": "malignant"}
+# medmnist's label number of the finding (the disease), which load_data makes the positive class
+# 1: the numbers do not say which class is the disease (BreastMNIST's label 0 is "malignant").
+FINDING = {"pneumoniamnist": 1, "breastmnist": 0}
 
 
 # ==================== Configuration ==========================================================
@@ -65,12 +65,11 @@ class Config:
     # pass). The rate drops 10x after `drop_after` updates without a lower val loss, training stops
     # after `stop_after`, and the epoch with the lowest val loss is restored. Counted in updates,
     # patience and caps mean as much learning on 546 images (4 a pass) as on 4,708 (36 a pass).
-    drop_after: int = 144            # 4 PneumoniaMNIST epochs: at the first rate its val loss
-    #                                  jumps from epoch to epoch (part2_training_curves.png)
+    drop_after: int = 144            # 4 PneumoniaMNIST epochs: val loss jumps at the first rate
     stop_after: int = 288            # as many again at the lower rate to find a new best
     cnn_updates: int = 1440          # at most 40 PneumoniaMNIST epochs
     cnn_lr: float = 3e-3             # BatchNorm lets it train fast; the rate drops when it stalls
-    resnet_updates: int = 720        # 20 epochs: 11M parameters cost ~5x the CNN's per update
+    resnet_updates: int = 720        # 20 epochs: 11M parameters cost ~3.5x the CNN's per update
     resnet_lr: float = 1e-3          # Adam's default: 11M parameters, no dropout, a lower rate
     head_updates: int = 72           # fine-tuning stage 1 (2 epochs, resnet_lr): only the head
     finetune_updates: int = 720      # stage 2: everything learns, as long as from scratch
@@ -91,7 +90,7 @@ def load_data(cfg):
     info = medmnist.INFO[cfg.dataset]
     root = Path(cfg.data_dir or medmnist.info.DEFAULT_ROOT).expanduser()
     path = root / f"{cfg.dataset}.npz"
-    finding = next(int(k) for k, name in info["label"].items() if name == FINDING[cfg.dataset])
+    finding = FINDING[cfg.dataset]
     x, y = {}, {}
     try:
         root.mkdir(parents=True, exist_ok=True)             # medmnist wants its root to exist
@@ -116,11 +115,11 @@ def load_data(cfg):
                                    drop_last=True),      # a last batch of 1 breaks BatchNorm
                "val": DataLoader(TensorDataset(x["val"], y["val"]), cfg.batch_size),
                "test": DataLoader(TensorDataset(x["test"], y["test"]), cfg.batch_size)}
-    n_pos, n = y["train"].sum().item(), len(y["train"])     # pos_weight: n_negative / n_positive
+    n_pos, n, label = y["train"].sum().item(), len(y["train"]), info["label"]   # label: names
     return SimpleNamespace(x=x, y=y, loaders=loaders, name=info["python_class"], md5=md5,
-                           class_names=[info["label"][str(1 - finding)], FINDING[cfg.dataset]],
+                           class_names=[label[str(1 - finding)], label[str(finding)]],
                            finding_label=finding, mean=x["train"].mean().item(),
-                           std=x["train"].std().item(), pos_weight=(n - n_pos) / n_pos)
+                           std=x["train"].std().item(), pos_weight=(n - n_pos) / n_pos)  # neg/pos
 
 
 def augment(x, cfg):
@@ -130,9 +129,10 @@ def augment(x, cfg):
     n, device = len(x), x.device
     flip = torch.rand(n, device=device) < cfg.flip_prob
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    # Rotation: a 2x3 rotation matrix per image, applied by affine_grid and grid_sample (as in
-    # PyTorch's spatial transformer tutorial). Reflection fills the corners a rotation uncovers
-    # with nearby anatomy; zeros would paint black triangles no film has (a shortcut to learn).
+    # Rotation, as in PyTorch's spatial transformer tutorial: theta = [[cos, -sin, 0], [sin, cos,
+    # 0]] per image; affine_grid turns it into the position each output pixel is read from, and
+    # grid_sample reads there. Reflection fills the corners a rotation uncovers with nearby
+    # anatomy; zeros would paint black triangles no film has (a shortcut to learn).
     angle = torch.deg2rad(cfg.max_rotation_deg * (2 * torch.rand(n, device=device) - 1))
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
@@ -271,7 +271,6 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-# A phase of training: name, at most how many updates, learning rate, only the head learns?
 Stage = namedtuple("Stage", "name updates lr head_only", defaults=[False])
 
 
@@ -356,13 +355,12 @@ def plot_training_curves(results, path, title):
             ax.plot(x, [e[f"train_{metric}"] for e in r["history"]], "o-", ms=3,
                     label="train (augmented, training mode)")
             ax.plot(x, [e[f"val_{metric}"] for e in r["history"]], "o-", ms=3, label="val")
-            for prev, e in zip(r["history"], r["history"][1:]):    # the schedule's events
-                if e["stage"] != prev["stage"]:
-                    ax.axvline(e["epoch"] - 0.5, color="tab:red", ls=":",
-                               label=f"stage 2 ({e['stage']}) from here")
-                elif e["lr"] < prev["lr"]:                          # a legend entry for the first
-                    ax.axvline(e["epoch"] - 0.5, color="tab:purple", ls="-.", lw=1, label=None
-                               if e["epoch"] > r["rate_drops"][0] else "learning rate x0.1")
+            stage2 = [e["epoch"] for e in r["history"] if e["stage"] == "unfrozen"]
+            if stage2:                                              # fine-tuning's second stage
+                ax.axvline(stage2[0] - 0.5, color="tab:red", ls=":", label="stage 2 from here")
+            for i, epoch in enumerate(r["rate_drops"]):             # one legend entry for all
+                ax.axvline(epoch - 0.5, color="tab:purple", ls="-.", lw=1,
+                           label="learning rate x0.1" if i == 0 else None)
             ax.axvline(r["best_epoch"], color="gray", ls="--",
                        label=f"restored: epoch {r['best_epoch']}")
             ax.axvline(len(x) + 0.5, color="black", label=f"{r['ended']} after epoch {len(x)}")
@@ -372,8 +370,10 @@ def plot_training_curves(results, path, title):
             ax.grid(alpha=0.3)
         row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
-    fig.supxlabel("\n".join(f"No curves for {MODEL_NAMES[k]}: {r['reason']}".replace("; ", ";\n")
-                            for k, r in results.items() if k not in trained), fontsize=9)
+    for k, r in results.items():
+        if k not in trained:                             # a note below the plots says why
+            fig.supxlabel(f"No curves for {MODEL_NAMES[k]}: {r['reason']}".replace("; ", ";\n"),
+                          fontsize=9)
     save_figure(fig, path)
 
 
@@ -410,8 +410,8 @@ def train_model(name, build, stages, data, cfg, device):
 
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
-    # channels_last speeds up the CNN's CPU epochs; on Apple MPS it has given silently wrong
-    # weight updates (a known PyTorch bug), so GPUs keep the default layout.
+    # channels_last stores a batch as (N, H, W, C), on which CPU convolutions run ~20% faster; on
+    # Apple MPS it gave silently wrong weight updates (PyTorch issue 118115): GPUs don't use it.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_updates, cfg.cnn_lr)], data, cfg, device)
@@ -424,13 +424,13 @@ def part2_simple_cnn(data, cfg, out, device):
 # Overfitting shows as a validation loss that turns upward while the training loss keeps falling,
 # with a widening train/val accuracy gap. part2_training_curves.png marks the rate drops, the
 # restored epoch (lowest val loss) and the end of training. In seeds 0-2 the CNN's val loss jumps
-# from epoch to epoch at the first rate but follows the training loss down; after the rate drops
-# both settle, and training stops on that plateau (the last val loss 2-13% above its low), not on
-# a rise. At the restored epoch the val loss is below the training loss (taken on augmented
-# images, dropout on) and the accuracies within 0.02: no overfitting, as augmentation, dropout
-# and early stopping regularise. The large gap is between validation (accuracy ~0.97) and test
-# (~0.90): the test split comes from another source split of the original data, a dataset shift
-# rather than overfitting; validation, split off the source's training images, is optimistic.
+# from epoch to epoch at the first rate but trends down with the training loss; after the rate
+# drops both settle, and training stops on that plateau (the last val loss 2-14% above its low),
+# not on a rise. At the restored epoch the val loss is below the training loss (taken on
+# augmented images, dropout on) and the accuracies within 0.02: no overfitting, as augmentation,
+# dropout and early stopping regularise. The large gap is between validation (accuracy ~0.97)
+# and test (~0.90): the test split comes from another source split of the original data, a
+# dataset shift rather than overfitting, and validation is optimistic.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -581,12 +581,12 @@ def part3_compare(trained, data, cfg, out):
 # 3.3 Which model performs best, and why? Validation alone chooses, before any test number is
 # read (highest val AUC to 3 decimals, a tie to the lower val loss; this run: summary.md 3.3).
 # Over seeds 0-2 the Simple CNN and ResNet18 from scratch end level on validation (val AUC
-# 0.997-0.998 each; the tie went to ResNet18 twice, to the CNN once). On test ResNet18 ranks
-# slightly but consistently better: AUC 0.970-0.975 against 0.962-0.965 (the paired 95% interval
-# of the difference above 0 in each seed), accuracy at 0.5 0.902-0.912 against 0.859-0.901.
+# 0.996-0.998 each; the tie went to ResNet18 twice, to the CNN once). On test ResNet18 ranks
+# slightly but consistently better: AUC 0.970-0.976 against 0.962-0.965 (the paired 95% interval
+# of the difference above 0 in each seed), accuracy at 0.5 0.902-0.912 against 0.858-0.901.
 # Saturated validation cannot see a gap that shows only after the shift to test; ResNet18's 11M
-# parameters (46x the CNN's) buy about 0.01 AUC there for about three times the training time,
-# little at 28x28, where fine structure is scarce. With ImageNet weights the pretrained ResNet18
+# parameters (46x the CNN's) buy about 0.01 AUC there for 2-3 times the training time, little
+# at 28x28, where fine structure is scarce. With ImageNet weights the pretrained ResNet18
 # enters the same choice and, if it wins on validation, is the model of Parts 4-5 (each figure
 # names its model); whether its head start survives the shift to test is read, not assumed.
 
@@ -625,7 +625,7 @@ def screening_threshold(val_labels, val_probs, min_recall):
 def operating_points(val_labels, val_probs, test_labels, test_probs, cfg):
     """4.2: three thresholds, each fixed on validation by its rule, then read on test."""
     fpr, tpr, thresholds = skm.roc_curve(val_labels, val_probs)
-    youden = float(min(thresholds[np.argmax(tpr - fpr)], 1.0))   # the first threshold is inf
+    youden = float(min(thresholds[np.argmax(tpr - fpr)], 1.0))   # roc_curve starts at inf
     rules = {"0.5": (0.5, "the default"),
              "max Youden J": (youden, "max sensitivity + specificity - 1 on val"),
              "screening": (screening_threshold(val_labels, val_probs, cfg.screening_recall),
@@ -757,9 +757,9 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # J; and the screening point, the highest threshold that keeps val recall >= 0.99 and finds more
 # val pneumonias than 0.5 (validation is nearly separable: a plain recall rule could land above
 # 0.5 and buy no sensitivity). part4_calibration.png, in seeds 0-2: the reliability curve runs
-# below the diagonal (the model over-states pneumonia on test), most probabilities lie below 0.1
-# or above 0.9, and normal films are among those above 0.9 (over-confidence; summary.md counts
-# them). Deployment would recalibrate (Platt or isotonic) on local data.
+# mostly below the diagonal (the model over-states pneumonia on test), most probabilities lie
+# below 0.1 or above 0.9 (gray bars), and normal films are among those above 0.9
+# (over-confidence; summary.md counts them). Deployment would recalibrate (Platt or isotonic).
 #
 # 4.3 Patterns in the errors (part4_error_analysis.png, most confident first; this run:
 # summary.md 4.3). False positives outnumber false negatives: 49-61 against 6-8 for the chosen
@@ -768,8 +768,8 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # as normal films called pneumonia. Some confident false positives are bright, low-contrast films
 # with uniformly gray lungs, as hazy as the true positives (at 28x28 a hazy exposure looks like a
 # diffuse opacity); others show clear lungs, or are unlike any training film (a black-framed film
-# in seeds 0 and 2). True negatives are high-contrast films with dark, aerated lungs, and so are
-# most false negatives.
+# in seeds 0 and 2). Most true negatives are high-contrast films with dark, aerated lungs, and so
+# are most false negatives.
 
 
 # ==================== Part 5: interpretability ===============================================
@@ -866,21 +866,21 @@ def part5_interpret(trained, best, data, device, out):
 # each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Partly, and less
 # so for ResNet18. In seeds 0-2 the CNN's pneumonia evidence is a blob on the mediastinum (the
 # heart shadow), not on the lung fields: at 7x7 it reads the central brightness, not an opacity,
-# and its confident false positive gets a similar blob (4.3: a hazy exposure). ResNet18's 4x4
-# maps mark the same spot in several films whatever their class, or a corner outside the body
-# (its pneumonia evidence in seed 0): shortcuts, not anatomy. Such coarse maps are a sanity
-# check that exposes shortcuts, not proof of clinical validity.
+# and its confident false positive gets a central blob too, weaker in some seeds (4.3: a hazy
+# exposure). ResNet18's 4x4 maps mark the same spot in several films whatever their class, or a
+# corner at the image's edge (its pneumonia evidence in seed 0): shortcuts, not anatomy. Such
+# coarse maps are a sanity check that exposes shortcuts, not proof of clinical validity.
 
 
 # ==================== Reflection questions ===================================================
 # 1. Clinical deployment: which threshold, and what do false positives and negatives cost?
 #    Not 0.5 by default: for screening we fix the sensitivity we need on validation and take the
 #    highest threshold that keeps it (the screening point: val recall >= 0.99, more than 0.5
-#    gives; this run: summary.md "Reflection 1"). Over seeds 0-2 it lies at t = 0.08-0.17 and on
-#    test misses 0-3 pneumonias instead of 6-8, at specificity 0.56-0.67 (77-104 false alarms
+#    gives; this run: summary.md "Reflection 1"). Over seeds 0-2 it lies at t = 0.08-0.18 and on
+#    test misses 0-3 pneumonias instead of 6-8, at specificity 0.555-0.671 (77-104 false alarms
 #    instead of 49-61). The threshold is low because probabilities crowd near 0 and 1 (4.2) and
 #    pos_weight ~0.35 lowers P(pneumonia) for every film. Specificity there is lower on test than
-#    on validation (0.919-0.956): the deploying site must re-choose the threshold on its data.
+#    on validation (0.918-0.956): the deploying site must re-choose the threshold on its data.
 #    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
 #    most dangerous in young children. A false positive costs a radiologist's second look,
 #    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. A missed case
@@ -993,7 +993,6 @@ def run(cfg):
     part5_interpret(trained, best, data, device, out)
     print(write_summary(trained, best, table, differences, points, data, cfg,
                         out / "summary.md"))
-
     metrics = dict(dataset=cfg.dataset, positive_class=data.class_names[1], device=str(device),
                    python=sys.version.split()[0], torch=torch.__version__,
                    torchvision=torchvision.__version__, threads=torch.get_num_threads(),
@@ -1040,10 +1039,10 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=d.dataset, choices=FINDING,
                    help="a binary 2D MedMNIST set; another needs its finding added to FINDING")
     p.add_argument("--quick", action="store_true", help="check every part on 512 images")
-    args = p.parse_args(argv)
-    if not 0 <= args.seed < 2**32:
+    cfg = Config(**vars(p.parse_args(argv)))
+    if not 0 <= cfg.seed < 2**32:
         p.error("--seed must be from 0 to 2**32 - 1")
-    return Config(**vars(args), **(QUICK if args.quick else {}))
+    return replace(cfg, **QUICK) if cfg.quick else cfg
 
 
 class UserError(Exception):
@@ -1051,8 +1050,9 @@ class UserError(Exception):
 
 
 def brief(err):
-    """An exception as one short line, for a one-paragraph message."""
-    return f"{type(err).__name__}: {' '.join(str(err).split()).split('!')[0][:160]}"
+    """An exception's type and the first line of its message, for a one-paragraph error."""
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first_line[:160]}"
 
 
 def pick_device(name):
@@ -1061,8 +1061,8 @@ def pick_device(name):
         name = ("cuda" if torch.cuda.is_available() else
                 "mps" if torch.backends.mps.is_available() else "cpu")
     try:   # a GPU too new for the installed torch is "available" until its first op fails
-        probe = torch.ones(1, 1, 4, 4, device=name)
-        F.conv2d(probe, probe[..., :3, :3]).cpu()
+        image, kernel = torch.ones(1, 1, 4, 4, device=name), torch.ones(1, 1, 3, 3, device=name)
+        F.conv2d(image, kernel).cpu()                    # one small convolution, as models do
     except Exception as err:
         raise UserError(f"--device {name}: torch {torch.__version__} cannot run on this "
                         f"machine's {name.upper()} ({brief(err)}). Install a torch build that "
@@ -1084,7 +1084,7 @@ def prepare_outputs(folder):
 
 
 def save_figure(fig, path):
-    """Write a matplotlib figure as a PNG and close it (a run makes a dozen)."""
+    """Write a matplotlib figure as a PNG and close it, freeing its memory."""
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

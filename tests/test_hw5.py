@@ -311,7 +311,7 @@ def test_main_quick_with_cached_weights_hands_in_three_models(data_dir, resnet18
         assert section in summary
     screening = m["operating_points"]["screening"]
     assert f"t = {screening['threshold']:.3f}" in summary
-    assert "stage 2 (unfrozen) from here" in texts["part3_training_curves.png"]
+    assert "stage 2 from here" in texts["part3_training_curves.png"]
     assert "ResNet18 (pretrained): weighted BCE loss" in texts["part3_training_curves.png"]
     for figure in ("part5_filters.png", "part5_gradcam.png"):
         assert all(name in texts[figure] for name in H.MODEL_NAMES.values()), figure
