@@ -9,7 +9,7 @@ comments beside the code that makes their evidence. The comments say what holds 
     python hw5_dl.py --quick            # every part on 512 images, under a minute on a CPU
 
 Result (bench/results/recipe.md, seeds 0-2, test split, threshold 0.5): the model chosen on
-validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of 4-5 minutes
+validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of about 4-5 min
 on 2 CPU cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, the choice of model and every threshold use the validation split; the test split
 is predicted once per model, right after its training.
@@ -69,7 +69,7 @@ class Config:
     stop_after: int = 288            # as many again at the lower rate to find a new best
     cnn_updates: int = 1440          # at most 40 PneumoniaMNIST epochs
     cnn_lr: float = 3e-3             # BatchNorm lets it train fast; the rate drops when it stalls
-    resnet_updates: int = 720        # 20 epochs: 11M parameters cost ~3.5x the CNN's per update
+    resnet_updates: int = 720        # 20 epochs: an update costs several times the CNN's
     resnet_lr: float = 1e-3          # Adam's default: 11M parameters, no dropout, a lower rate
     head_updates: int = 72           # fine-tuning stage 1 (2 epochs, resnet_lr): only the head
     finetune_updates: int = 720      # stage 2: everything learns, as long as from scratch
@@ -123,16 +123,15 @@ def load_data(cfg):
 
 
 def augment(x, cfg):
-    """1.3: random flip, rotation, brightness and contrast, drawn anew for every image of the
-    batch x. torchvision's transforms draw once per call: called per image they would take
-    several times as long as the training step itself."""
+    """1.3: random flip, rotation, brightness and contrast, drawn anew for every image of the batch
+    x (torchvision's transforms draw once per call; per image they cost more than training)."""
     n, device = len(x), x.device
     flip = torch.rand(n, device=device) < cfg.flip_prob
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     # Rotation, as in PyTorch's spatial transformer tutorial: theta = [[cos, -sin, 0], [sin, cos,
-    # 0]] per image; affine_grid turns it into the position each output pixel is read from, and
-    # grid_sample reads there. Reflection fills the corners a rotation uncovers with nearby
-    # anatomy; zeros would paint black triangles no film has (a shortcut to learn).
+    # 0]] per image; affine_grid turns it into the position (from -1 to 1 across the image) each
+    # output pixel is read from, and grid_sample reads there. Reflection fills the corners a
+    # rotation uncovers with nearby anatomy; zeros would paint black triangles no film has.
     angle = torch.deg2rad(cfg.max_rotation_deg * (2 * torch.rand(n, device=device) - 1))
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
@@ -212,9 +211,9 @@ def part1_data(data, cfg, out):
 # show pneumonia (part1_class_distribution.png). An unweighted loss is dominated by that class:
 # always answering "pneumonia" already gives ~74% accuracy, and the errors concentrate on the
 # minority class (normal lungs called pneumonia). Accuracy hides this, and its baseline moves
-# between splits (test is 62.5% pneumonia), so we report AUC, precision, recall, specificity and
-# F1 beside it. The loss weights the positive class by n_normal / n_pneumonia (pos_weight ~0.35):
-# both classes carry equal total weight and every image is kept (undersampling throws some away).
+# between splits (test is 62.5% pneumonia), so AUC, precision, recall, specificity and F1 stand
+# beside it. The loss weights the positive class by n_normal / n_pneumonia (pos_weight ~0.35):
+# both classes carry equal weight, and no image is thrown away as undersampling would.
 #
 # 1.3 Discussion: why is augmentation important for medical imaging? Labelled medical images are
 # few (4,708 here) and a CNN memorises them quickly; augmentation shows it the variation it will
@@ -323,12 +322,13 @@ def validate(model, data, criterion, device):
 
 def fit(model, data, cfg, stage, stopper, history, name, device):
     """2.2: train one stage by the rule in Config; `stopper` keeps the best epoch of all stages."""
-    # Class imbalance (1.2): weighting positives by n_negative / n_positive balances the classes.
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight, device=device))
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight).to(device))  # 1.2
     set_trainable(model, stage.head_only)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], stage.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(   # drops on the epoch after patience
-        optimizer, factor=0.1, patience=epochs(cfg.drop_after, data) - 1)
+    # The scheduler lowers the rate once its bad epochs EXCEED patience (4 bad epochs: patience
+    # 3); threshold=0 makes any lower val loss count as better, as in EarlyStopping.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.1, patience=epochs(cfg.drop_after, data) - 1, threshold=0)
     stopper.bad_epochs = 0               # every stage gets the whole patience
     for _ in range(epochs(stage.updates, data)):
         row = dict(epoch=len(history) + 1, stage=stage.name, lr=optimizer.param_groups[0]["lr"])
@@ -411,7 +411,7 @@ def train_model(name, build, stages, data, cfg, device):
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
     # channels_last stores a batch as (N, H, W, C), on which CPU convolutions run ~20% faster; on
-    # Apple MPS it gave silently wrong weight updates (PyTorch issue 118115): GPUs don't use it.
+    # Apple MPS it gave silently wrong weight updates (pytorch/pytorch#118115): GPUs skip it.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_updates, cfg.cnn_lr)], data, cfg, device)
@@ -428,9 +428,9 @@ def part2_simple_cnn(data, cfg, out, device):
 # drops both settle, and training stops on that plateau (the last val loss 2-14% above its low),
 # not on a rise. At the restored epoch the val loss is below the training loss (taken on
 # augmented images, dropout on) and the accuracies within 0.02: no overfitting, as augmentation,
-# dropout and early stopping regularise. The large gap is between validation (accuracy ~0.97)
-# and test (~0.90): the test split comes from another source split of the original data, a
-# dataset shift rather than overfitting, and validation is optimistic.
+# dropout and early stopping regularise. The large gap is between validation (accuracy
+# 0.969-0.983 there) and test (0.858-0.901): the test split comes from another source split of
+# the original data, a dataset shift rather than overfitting, and validation is optimistic.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -540,7 +540,8 @@ def part3_compare(trained, data, cfg, out):
         draws[name] = bootstrap(labels, t.test_probs, cfg.bootstrap_resamples, cfg.seed)
         results[name]["test_ci95"] = {k: np.percentile(v, [2.5, 97.5]).tolist()   # 95% interval
                                       for k, v in draws[name].items()}
-    # Paired: AUC(best) - AUC(other) on the same resamples, so the split's luck cancels out.
+    # Paired: bootstrap() draws the same resamples for every model (same seed, same labels), so
+    # AUC(best) - AUC(other) on them cancels the luck of the split.
     differences = {}
     for name in scored:
         if name != best:
@@ -574,9 +575,8 @@ def part3_compare(trained, data, cfg, out):
 # overwritten; early stopping spans both stages (the weights of the lowest val loss in either).
 # part3_training_curves.png and summary.md 3.2 compare it with training from scratch; without
 # ImageNet weights (no internet) it is skipped with its reason, and nothing stands in for it.
-# Published at 28x28: pretrained ResNet18 0.831 / 0.950 test ACC / AUC (MedMNIST+, Doerrich et
-# al., 2024), ResNet-18 from scratch 0.854 / 0.944 (MedMNIST v2, Yang et al., Scientific Data
-# 2023): at this size pretraining is no sure gain.
+# At 28x28 pretraining is no sure gain: 0.831 / 0.950 test ACC / AUC pretrained (MedMNIST+,
+# 2024), 0.854 / 0.944 from scratch (MedMNIST v2, 2023), both ResNet18.
 #
 # 3.3 Which model performs best, and why? Validation alone chooses, before any test number is
 # read (highest val AUC to 3 decimals, a tie to the lower val loss; this run: summary.md 3.3).
@@ -585,8 +585,8 @@ def part3_compare(trained, data, cfg, out):
 # slightly but consistently better: AUC 0.970-0.976 against 0.962-0.965 (the paired 95% interval
 # of the difference above 0 in each seed), accuracy at 0.5 0.902-0.912 against 0.858-0.901.
 # Saturated validation cannot see a gap that shows only after the shift to test; ResNet18's 11M
-# parameters (46x the CNN's) buy about 0.01 AUC there for 2-3 times the training time, little
-# at 28x28, where fine structure is scarce. With ImageNet weights the pretrained ResNet18
+# parameters (46x the CNN's) buy 0.007-0.010 AUC there for about 2-3 times the training time:
+# little, as 28x28 holds little fine structure. With ImageNet weights the pretrained ResNet18
 # enters the same choice and, if it wins on validation, is the model of Parts 4-5 (each figure
 # names its model); whether its head start survives the shift to test is read, not assumed.
 
@@ -766,7 +766,7 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # model over seeds 0-2; from validation to test its specificity at 0.5 falls (0.993 to
 # 0.739-0.791) while recall holds (0.961 to 0.979-0.985): the shift between source splits shows
 # as normal films called pneumonia. Some confident false positives are bright, low-contrast films
-# with uniformly gray lungs, as hazy as the true positives (at 28x28 a hazy exposure looks like a
+# with grayish lungs, as hazy as the true positives (at 28x28 a hazy exposure looks like a
 # diffuse opacity); others show clear lungs, or are unlike any training film (a black-framed film
 # in seeds 0 and 2). Most true negatives are high-contrast films with dark, aerated lungs, and so
 # are most false negatives.
@@ -858,16 +858,16 @@ def part5_interpret(trained, best, data, device, out):
 # scale: compare shapes, not strengths.) A few of the CNN's 3x3 filters resemble oriented edge
 # detectors, a positive row or column beside a negative one; others are blobs or uniform
 # brightness, most are irregular mixes: 3x3 leaves little room. ResNet18's 7x7 filters from
-# scratch look like noise: after a stride-2 stem and BatchNorm, on 4,708 images of 28x28, they
-# act as a learned down-sampling. With ImageNet weights a third band shows the pretrained
-# filters, summed over RGB (3.1): expect ImageNet's smooth oriented edges and blobs instead.
+# scratch look like noise: after a stride-2 stem and BatchNorm they act as a learned
+# down-sampling. With ImageNet weights a third band shows the pretrained ones (RGB summed, 3.1):
+# expect ImageNet's smooth oriented edges and blobs.
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png: maps of the class
 # each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Partly, and less
-# so for ResNet18. In seeds 0-2 the CNN's pneumonia evidence is a blob on the mediastinum (the
-# heart shadow), not on the lung fields: at 7x7 it reads the central brightness, not an opacity,
-# and its confident false positive gets a central blob too, weaker in some seeds (4.3: a hazy
-# exposure). ResNet18's 4x4 maps mark the same spot in several films whatever their class, or a
+# so for ResNet18. In seeds 0-2 the CNN's evidence for its true positives is a blob on the
+# mediastinum (the heart shadow), not on the lung fields: at 7x7 it reads the central brightness,
+# not an opacity, and the confident false positive gets a central blob too (weaker in some
+# seeds). ResNet18's 4x4 maps mark the same spot in several films whatever their class, or a
 # corner at the image's edge (its pneumonia evidence in seed 0): shortcuts, not anatomy. Such
 # coarse maps are a sanity check that exposes shortcuts, not proof of clinical validity.
 
