@@ -124,7 +124,7 @@ def load_data(cfg):
 
 def augment(x, cfg):
     """1.3: random flip, rotation, brightness and contrast, drawn anew for every image of the batch
-    x (torchvision's transforms draw once per call; per image they cost more than training)."""
+    x (torchvision's transforms draw once per call; once per image they double a CNN epoch)."""
     n, device = len(x), x.device
     flip = torch.rand(n, device=device) < cfg.flip_prob
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
