@@ -9,8 +9,8 @@ comments beside the code that makes their evidence. The comments say what holds 
     python hw5_dl.py --quick            # every part on 512 images, under a minute on a CPU
 
 Result (bench/results/recipe.md, seeds 0-2, test split, threshold 0.5): the model chosen on
-validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of about 4-5 min
-on 2 CPU cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
+validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of 3-4 minutes
+on 2 free CPU cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, the choice of model and every threshold use the validation split; the test split
 is predicted once per model, right after its training.
 """
@@ -424,13 +424,13 @@ def part2_simple_cnn(data, cfg, out, device):
 # Overfitting shows as a validation loss that turns upward while the training loss keeps falling,
 # with a widening train/val accuracy gap. part2_training_curves.png marks the rate drops, the
 # restored epoch (lowest val loss) and the end of training. In seeds 0-2 the CNN's val loss jumps
-# from epoch to epoch at the first rate but trends down with the training loss; after the rate
-# drops both settle, and training stops on that plateau (the last val loss 2-14% above its low),
-# not on a rise. At the restored epoch the val loss is below the training loss (taken on
-# augmented images, dropout on) and the accuracies within 0.02: no overfitting, as augmentation,
-# dropout and early stopping regularise. The large gap is between validation (accuracy
-# 0.969-0.983 there) and test (0.858-0.901): the test split comes from another source split of
-# the original data, a dataset shift rather than overfitting, and validation is optimistic.
+# from epoch to epoch at the first rate; after the last rate drop both curves level off near
+# their lowest, and training stops on that plateau (the last val loss 2-14% above its low).
+# At the restored epoch the val loss is below the training loss (taken on augmented images,
+# dropout on) and the accuracies within 0.02: no overfitting, as augmentation, dropout and early
+# stopping regularise. The large gap is between validation (accuracy 0.969-0.983 there) and
+# test (0.858-0.901): the test split comes from another source split of the original data, a
+# dataset shift rather than overfitting, and validation is optimistic.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -585,7 +585,7 @@ def part3_compare(trained, data, cfg, out):
 # slightly but consistently better: AUC 0.970-0.976 against 0.962-0.965 (the paired 95% interval
 # of the difference above 0 in each seed), accuracy at 0.5 0.902-0.912 against 0.858-0.901.
 # Saturated validation cannot see a gap that shows only after the shift to test; ResNet18's 11M
-# parameters (46x the CNN's) buy 0.007-0.010 AUC there for about 2-3 times the training time:
+# parameters (46x the CNN's) buy 0.006-0.011 AUC there for 2-4 times the training time:
 # little, as 28x28 holds little fine structure. With ImageNet weights the pretrained ResNet18
 # enters the same choice and, if it wins on validation, is the model of Parts 4-5 (each figure
 # names its model); whether its head start survives the shift to test is read, not assumed.
@@ -856,8 +856,8 @@ def part5_interpret(trained, best, data, device, out):
 
 # 5.1 What patterns do the filters detect? (part5_filters.png; each filter on its own colour
 # scale: compare shapes, not strengths.) A few of the CNN's 3x3 filters resemble oriented edge
-# detectors, a positive row or column beside a negative one; others are blobs or uniform
-# brightness, most are irregular mixes: 3x3 leaves little room. ResNet18's 7x7 filters from
+# detectors, a positive row or column beside a negative one; others are blobs, most are
+# irregular mixes: 3x3 leaves little room. ResNet18's 7x7 filters from
 # scratch look like noise: after a stride-2 stem and BatchNorm they act as a learned
 # down-sampling. With ImageNet weights a third band shows the pretrained ones (RGB summed, 3.1):
 # expect ImageNet's smooth oriented edges and blobs.
