@@ -219,9 +219,9 @@ def part1_data(data, cfg, out):
 # few (4,708 here) and a CNN memorises them quickly; augmentation shows it the variation it will
 # meet anyway (patient positioning -> small rotations; exposure and scanner settings ->
 # brightness and contrast), so it learns the disease, not the pixels. Augmentations must keep the
-# label and the anatomy plausible: the rubric's horizontal flip is clinically questionable (a
-# heart on the right is very rare), kept as pneumonia can sit in either lung and at 28x28 the
-# heart is a weak cue; large rotations, lung-cutting crops or inverted intensities are not.
+# label and the anatomy plausible: the horizontal flip is clinically questionable (a heart on the
+# right is very rare), kept as pneumonia can sit in either lung and at 28x28 the heart's side is
+# a weak cue; large rotations, lung-cutting crops or inverted intensities would not be plausible.
 
 
 # ==================== Part 2: a simple CNN ===================================================
