@@ -1,16 +1,16 @@
 """HW5: deep learning on PneumoniaMNIST chest X-rays (28x28, normal vs pneumonia).
 
 One script answers Parts 1-5 of the assignment in order, then the reflection questions, in
-comments beside the code that makes their evidence. The comments say what holds for every run
-(checked over seeds 0-2); the run writes its own numbers into outputs/summary.md.
+comments beside the code that makes their evidence: the reasoning, and what seeds 0-2 showed
+without ImageNet weights as ranges; each run writes its own numbers into outputs/summary.md.
 
     python hw5_dl.py                    # full run (medmnist downloads the data on first use)
     python hw5_dl.py --data-dir data    # read data/pneumoniamnist.npz, no network needed
     python hw5_dl.py --quick            # every part on 512 images, under a minute on a CPU
 
 Result (bench/results/recipe.md, seeds 0-2, test split, threshold 0.5): the model chosen on
-validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a default run of 3-4 minutes
-on 2 free CPU cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
+validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a 3-4 minute run on 2 free CPU
+cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
 Early stopping, the choice of model and every threshold use the validation split; the test split
 is predicted once per model, right after its training.
 """
