@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from collections import namedtuple
 from dataclasses import asdict, dataclass, replace
@@ -110,15 +111,19 @@ def load_data(cfg):
                         "with --data-dir FOLDER.") from None
     if cfg.train_images:                                 # --quick
         x["train"], y["train"] = x["train"][:cfg.train_images], y["train"][:cfg.train_images]
+    # drop_last: every update averages a whole batch (4,708 = 36 x 128 + 100: another 100 images
+    # wait for the next pass); a set of 128k + 1 images would end on a batch of 1, which
+    # ResNet18's BatchNorm cannot normalise at layer4's 1x1 (error in training mode).
     loaders = {"train": DataLoader(TensorDataset(x["train"], y["train"]), cfg.batch_size,
                                    shuffle=True, generator=torch.Generator().manual_seed(cfg.seed),
-                                   drop_last=True),      # a last batch of 1 breaks BatchNorm
+                                   drop_last=True),
                "val": DataLoader(TensorDataset(x["val"], y["val"]), cfg.batch_size),
                "test": DataLoader(TensorDataset(x["test"], y["test"]), cfg.batch_size)}
-    n_pos, n, label = y["train"].sum().item(), len(y["train"]), info["label"]   # label: names
+    medmnist_labels = [1 - finding, finding]      # medmnist's numbers of our classes 0 and 1
+    n_pos, n = y["train"].sum().item(), len(y["train"])
     return SimpleNamespace(x=x, y=y, loaders=loaders, name=info["python_class"], md5=md5,
-                           class_names=[label[str(1 - finding)], label[str(finding)]],
-                           finding_label=finding, mean=x["train"].mean().item(),
+                           class_names=[info["label"][str(k)] for k in medmnist_labels],
+                           medmnist_labels=medmnist_labels, mean=x["train"].mean().item(),
                            std=x["train"].std().item(), pos_weight=(n - n_pos) / n_pos)  # neg/pos
 
 
@@ -156,9 +161,9 @@ def plot_samples(data, path, per_class=8):
     for label, row in enumerate(axes):
         for ax, i in zip(row, torch.nonzero(data.y["train"] == label)[:per_class, 0]):
             show_image(ax, data.x["train"][i])
-        medmnist_label = data.finding_label if label else 1 - data.finding_label
         row[0].set_title(f"{data.class_names[label]} ({'positive' if label else 'negative'} "
-                         f"class; medmnist label {medmnist_label})", fontsize=9, loc="left")
+                         f"class; medmnist label {data.medmnist_labels[label]})", fontsize=9,
+                         loc="left")
     fig.suptitle(f"{data.name} training samples per class")
     save_figure(fig, path)
 
@@ -269,6 +274,10 @@ class EarlyStopping:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience
 
+    def new_stage(self):
+        """A new training stage (3.2) gets the whole patience; the best epoch so far stays."""
+        self.bad_epochs = 0
+
 
 Stage = namedtuple("Stage", "name updates lr head_only", defaults=[False])
 
@@ -325,16 +334,18 @@ def fit(model, data, cfg, stage, stopper, history, name, device):
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight).to(device))  # 1.2
     set_trainable(model, stage.head_only)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], stage.lr)
-    # The scheduler lowers the rate once its bad epochs EXCEED patience (4 bad epochs: patience
-    # 3); threshold=0 makes any lower val loss count as better, as in EarlyStopping.
+    # Config counts patience in updates; epochs() turns it into passes over this training split
+    # (4 on PneumoniaMNIST). ReduceLROnPlateau drops the rate once its bad epochs EXCEED its
+    # patience, hence the - 1; threshold=0: any lower val loss is better, as in EarlyStopping.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.1, patience=epochs(cfg.drop_after, data) - 1, threshold=0)
-    stopper.bad_epochs = 0               # every stage gets the whole patience
+    stopper.new_stage()
     for _ in range(epochs(stage.updates, data)):
+        tic = time.perf_counter()
         row = dict(epoch=len(history) + 1, stage=stage.name, lr=optimizer.param_groups[0]["lr"])
         row["train_loss"], row["train_acc"] = train_epoch(model, data, cfg, criterion, optimizer,
                                                           device)
-        row.update(validate(model, data, criterion, device))
+        row.update(validate(model, data, criterion, device), seconds=time.perf_counter() - tic)
         history.append(row)
         print("  {} epoch {epoch:2d} ({stage}, lr {lr:.0e}): train loss {train_loss:.3f} acc "
               "{train_acc:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} auc {val_auc:.4f}"
@@ -774,26 +785,24 @@ def part4_evaluate(best, chosen, data, cfg, out):
 
 # ==================== Part 5: interpretability ===============================================
 def plot_filters(models, path, cols=16):
-    """5.1: the first conv layer's filters of each trained model, a band of rows per model."""
+    """5.1: the first conv layer's filters of each trained model, a panel of rows per model."""
     weights = {k: (m.features[0][0] if k == "simple_cnn" else m.conv1).weight.detach().cpu()
                [:, 0].numpy() for k, m in models.items()}
-    n_rows = [math.ceil(len(w) / cols) for w in weights.values()]
-    fig, axes = plt.subplots(sum(n_rows), cols, figsize=(0.5 * cols, 0.62 * sum(n_rows) + 0.5),
-                             squeeze=False, gridspec_kw=dict(wspace=0.3, hspace=0.5))
-    for ax in axes.flat:
-        ax.set_axis_off()
-    first_row = 0
-    for (name, w), rows in zip(weights.items(), n_rows):
-        for i, kernel in enumerate(w):
+    rows = [math.ceil(len(w) / cols) for w in weights.values()]
+    fig = plt.figure(figsize=(0.5 * cols, 0.5 * sum(rows) + 0.4 * len(rows)))
+    panels = fig.subfigures(len(rows), 1, squeeze=False, height_ratios=rows)[:, 0]
+    for panel, (name, w), n_rows in zip(panels, weights.items(), rows):
+        axes = panel.subplots(n_rows, cols, squeeze=False,
+                              gridspec_kw=dict(wspace=0.3, hspace=0.3))
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for ax, kernel in zip(axes.flat, w):
             limit = np.abs(kernel).max()
-            axes[first_row + i // cols, i % cols].imshow(kernel, cmap="bwr", vmin=-limit,
-                                                         vmax=limit)
-        axes[first_row, 0].text(0, 1.12, f"{MODEL_NAMES[name]}: first conv layer, {len(w)} "
-                                f"filters {w.shape[1]}x{w.shape[2]}", fontsize=10,
-                                transform=axes[first_row, 0].transAxes)
-        first_row += rows
+            ax.imshow(kernel, cmap="bwr", vmin=-limit, vmax=limit)
+        panel.suptitle(f"{MODEL_NAMES[name]}: first conv layer, {len(w)} filters "
+                       f"{w.shape[1]}x{w.shape[2]}", fontsize=10, x=0.02, ha="left")
     fig.suptitle("First-layer filters, each on its own symmetric scale ±max|weight|: red "
-                 "positive, blue negative, white zero", fontsize=10)
+                 "positive, blue negative, white zero", fontsize=10, y=1.02)
     save_figure(fig, path)
 
 
@@ -1075,8 +1084,8 @@ def prepare_outputs(folder):
     out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text("")    # fails now, not after training, if read-only
-        (out / "metrics.json").unlink()          # written last: present = the run completed
+        tempfile.TemporaryFile(dir=out).close()            # read-only: fail now, not at the end
+        (out / "metrics.json").unlink(missing_ok=True)     # written last: present = run complete
     except OSError as err:
         raise UserError(f"--outputs {out} cannot hold the results ({err.strerror or err}). "
                         "Pass a folder you can write to, or a new path to create.") from None

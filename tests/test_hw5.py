@@ -33,7 +33,7 @@ def test_loads_through_medmnist_from_local_root(data, data_dir):
     assert data.x["val"].shape == (len(ds.imgs), 1, 28, 28)
     assert torch.equal(data.y["val"], torch.from_numpy(ds.labels[:, 0]).float())   # (N, 1) -> N
     assert 0 <= data.x["train"].min() and data.x["train"].max() <= 1
-    assert data.class_names == ["normal", "pneumonia"] and data.finding_label == 1
+    assert data.class_names == ["normal", "pneumonia"] and data.medmnist_labels == [0, 1]
     n_pos = data.y["train"].sum().item()
     assert data.pos_weight == pytest.approx((len(data.y["train"]) - n_pos) / n_pos)
     xb, yb = next(iter(data.loaders["train"]))
@@ -350,7 +350,7 @@ def test_other_binary_dataset_makes_the_finding_positive(dataset, tmp_path, monk
     assert m["dataset"] == dataset and m["positive_class"] == "malignant"
     data = H.load_data(H.Config(dataset=dataset, data_dir=str(folder)))
     raw = medmnist.BreastMNIST(split="test", root=str(folder)).labels[:, 0]
-    assert data.class_names == ["normal, benign", "malignant"] and data.finding_label == 0
+    assert data.class_names == ["normal, benign", "malignant"] and data.medmnist_labels == [1, 0]
     assert torch.equal(data.y["test"], torch.from_numpy(raw == 0).float())   # malignant -> 1
     recall = m["models"][m["best_model"]]["test"]
     assert recall["tp"] + recall["fn"] == (raw == 0).sum()
