@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -355,10 +356,36 @@ def fit(model, data, cfg, stage, stopper, history, name, device):
             break
 
 
+def mark_schedule(ax, r):
+    """2.3/3.2: mark the start of fine-tuning's stage 2, the rate drops and the restored epoch."""
+    stage2 = [e["epoch"] for e in r["history"] if e["stage"] == "unfrozen"]
+    if stage2:
+        ax.axvline(stage2[0] - 0.5, color="tab:red", ls=":", label="stage 2 from here")
+    for i, epoch in enumerate(r["rate_drops"]):                 # one legend entry for all
+        ax.axvline(epoch - 0.5, color="tab:purple", ls="-.", lw=1,
+                   label="learning rate x0.1" if i == 0 else None)
+    ax.axvline(r["best_epoch"], color="gray", ls="--", label=f"restored: epoch {r['best_epoch']}")
+
+
+def epoch_axes(ax, what, n_epochs):
+    """Epochs as whole numbers; a loss on a log scale (small late differences stay visible)."""
+    ax.set(xlabel="epoch", ylabel=what, xlim=(0.5, n_epochs + 0.5))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if "loss" in what:                                  # ticks 0.03, 0.05, 0.1, not 3x10^-2
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(alpha=0.3)
+
+
 def plot_training_curves(results, path, title):
-    """2.3/3.2: train vs val loss and accuracy per model, the schedule's events marked."""
+    """2.3/3.2: train vs val loss and accuracy per model; with both ResNet18s trained, a last row
+    puts their val loss and val AUC on shared axes (3.2)."""
     trained = {k: r for k, r in results.items() if r["status"] == "trained"}
-    fig, axes = plt.subplots(len(trained), 2, figsize=(13.5, 3.4 * len(trained) + 0.6),
+    pair = [k for k in ("resnet18_pretrained", "resnet18_scratch") if k in trained]
+    n_rows = len(trained) + (len(pair) == 2)
+    fig, axes = plt.subplots(n_rows, 2, figsize=(13.5, 3.4 * n_rows + 0.6),
                              layout="constrained", squeeze=False)
     for row, (name, r) in zip(axes, trained.items()):
         x = [e["epoch"] for e in r["history"]]
@@ -366,20 +393,22 @@ def plot_training_curves(results, path, title):
             ax.plot(x, [e[f"train_{metric}"] for e in r["history"]], "o-", ms=3,
                     label="train (augmented, training mode)")
             ax.plot(x, [e[f"val_{metric}"] for e in r["history"]], "o-", ms=3, label="val")
-            stage2 = [e["epoch"] for e in r["history"] if e["stage"] == "unfrozen"]
-            if stage2:                                              # fine-tuning's second stage
-                ax.axvline(stage2[0] - 0.5, color="tab:red", ls=":", label="stage 2 from here")
-            for i, epoch in enumerate(r["rate_drops"]):             # one legend entry for all
-                ax.axvline(epoch - 0.5, color="tab:purple", ls="-.", lw=1,
-                           label="learning rate x0.1" if i == 0 else None)
-            ax.axvline(r["best_epoch"], color="gray", ls="--",
-                       label=f"restored: epoch {r['best_epoch']}")
-            ax.axvline(len(x) + 0.5, color="black", label=f"{r['ended']} after epoch {len(x)}")
-            ax.set(xlabel="epoch", ylabel=what, title=f"{MODEL_NAMES[name]}: {what}",
-                   xlim=(0.5, len(x) + 1), yscale="log" if metric == "loss" else "linear")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.grid(alpha=0.3)
-        row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+            mark_schedule(ax, r)
+            ax.set_title(f"{MODEL_NAMES[name]}: {what}")
+            epoch_axes(ax, what, len(x))
+        row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5),
+                      title=f"{r['ended']} after epoch {len(x)}", title_fontsize=8)
+    if len(pair) == 2:                  # 3.2: the two ResNet18s' val curves on shared axes
+        for ax, metric, what in zip(axes[-1], ("val_loss", "val_auc"), ("val loss", "val AUC")):
+            for name, colour in zip(pair, ("tab:green", "tab:brown")):
+                h = trained[name]["history"]
+                ax.plot([e["epoch"] for e in h], [e[metric] for e in h], "o-", ms=3, color=colour,
+                        label=f"{MODEL_NAMES[name]}, restored: epoch {trained[name]['best_epoch']}")
+            stage2 = [e["epoch"] for e in trained[pair[0]]["history"] if e["stage"] == "unfrozen"]
+            ax.axvline(stage2[0] - 0.5, color="tab:red", ls=":", label="fine-tuning's stage 2")
+            ax.set_title(f"3.2 fine-tuned against from scratch: {what}")
+            epoch_axes(ax, what, max(len(trained[k]["history"]) for k in pair))
+        axes[-1, 1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
     for k, r in results.items():
         if k not in trained:                             # a note below the plots says why
@@ -672,26 +701,28 @@ def plot_roc_pr(labels, probs, points, class_names, path, title):
     roc_xy = {k: (1 - p["specificity"], p["recall"]) for k, p in points.items()}
     pr_xy = {k: (p["recall"], p["precision"]) for k, p in points.items()}
     fig, axes = plt.subplots(2, 2, figsize=(11, 10), layout="constrained")
+    (roc, pr), (roc_zoom, pr_zoom) = axes
+    roc.plot([0, 1], [0, 1], "k:", label="chance")
+    pr.axhline(labels.mean(), color="k", ls=":", label=f"chance ({pos} share)")
     for (roc, pr), view in zip(axes, ("whole curve", "zoom on the operating points")):
         roc.plot(fpr, tpr, label=f"test (AUC = {skm.roc_auc_score(labels, probs):.3f})")
-        roc.plot([0, 1], [0, 1], "k:", label="chance")
         pr.step(recall, precision, where="post",
                 label=f"test (AP = {skm.average_precision_score(labels, probs):.3f})")
-        pr.axhline(labels.mean(), color="k", ls=":", label=f"chance ({pos} share)")
-        for marker, (name, p) in zip("osD", points.items()):
+        for marker, (name, p) in zip("osD", points.items()):   # clip_on=False: whole at 0 or 1
             label = f"{name}: t = {p['threshold']:.3f}"
-            roc.plot(*roc_xy[name], marker, ms=9, mfc="none", mew=2, label=label)
-            pr.plot(*pr_xy[name], marker, ms=9, mfc="none", mew=2, label=label)
+            roc.plot(*roc_xy[name], marker, ms=9, mfc="none", mew=2, label=label, clip_on=False)
+            pr.plot(*pr_xy[name], marker, ms=9, mfc="none", mew=2, label=label, clip_on=False)
         roc.set(title=f"ROC curve: {view}", ylabel=f"true positive rate: {pos} found (recall)",
-                xlabel=f"false positive rate: {neg} called {pos} (1 − specificity)")
+                xlabel=f"false positive rate: {neg} called {pos} (1 − specificity)",
+                xlim=(0, 1), ylim=(0, 1))
         pr.set(title=f"Precision-recall curve: {view}", xlabel=f"recall: {pos} found",
-               ylabel=f"precision: {pos} calls right (PPV)")
+               ylabel=f"precision: {pos} calls right (PPV)", xlim=(0, 1), ylim=(0, 1))
         roc.legend(fontsize=8, loc="lower right")
         pr.legend(fontsize=8, loc="lower left")
-    for ax, xy in ((axes[1, 0], roc_xy), (axes[1, 1], pr_xy)):      # zoom on the points
+    for ax, xy in ((roc_zoom, roc_xy), (pr_zoom, pr_xy)):      # rates stay within [0, 1]
         xs, ys = zip(*xy.values())
-        ax.set(xlim=(min(xs) - 0.04, min(max(xs) + 0.04, 1.01)),
-               ylim=(min(ys) - 0.04, min(max(ys) + 0.04, 1.01)))
+        ax.set(xlim=(max(min(xs) - 0.04, 0), min(max(xs) + 0.04, 1)),
+               ylim=(max(min(ys) - 0.04, 0), min(max(ys) + 0.04, 1)))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}\noperating points: threshold t fixed on validation by its rule")
@@ -699,18 +730,23 @@ def plot_roc_pr(labels, probs, points, class_names, path, title):
 
 
 def plot_calibration(labels, probs, class_names, path, title):
-    """4.2: reliability diagram on test (10 bins) and Brier score; gray bars count each bin."""
-    from sklearn.calibration import CalibrationDisplay
-    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    counts = ax.twinx()
-    counts.hist(probs, bins=10, range=(0, 1), color="gray", alpha=0.25)
-    counts.set(ylabel="test images in the bin (gray bars)")
-    CalibrationDisplay.from_predictions(labels, probs, n_bins=10, ax=ax, name=f"test (Brier "
-                                        f"{skm.brier_score_loss(labels, probs):.3f})")
-    ax.set(xlabel=f"mean predicted P({class_names[1]}) in the bin",
+    """4.2: reliability diagram on test (10 bins of width 0.1), each point with its image count."""
+    from sklearn.calibration import calibration_curve
+    truly, predicted = calibration_curve(labels, probs, n_bins=10)     # empty bins left out
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], probs), minlength=10)
+    fig, ax = plt.subplots(figsize=(6, 5.4), layout="constrained")
+    ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    ax.plot(predicted, truly, "s-", clip_on=False,
+            label=f"test (Brier score {skm.brier_score_loss(labels, probs):.3f})")
+    for x, y, n in zip(predicted, truly, counts[counts > 0]):
+        ax.annotate(f"n={n}", (x, y), xytext=(5, -12 if y > 0.5 else 6), fontsize=8,
+                    textcoords="offset points")
+    ax.set(xlabel=f"mean predicted P({class_names[1]}) in the bin", xlim=(0, 1), ylim=(0, 1),
            ylabel=f"fraction of the bin truly {class_names[1]}")
-    ax.set_title(f"{title}\nreliability diagram", fontsize=10)
+    ax.set_title(f"{title}\nreliability diagram; n = test images in the bin (a bin of few "
+                 "images is noisy)", fontsize=10)
     ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
     save_figure(fig, path)
 
 
@@ -734,7 +770,7 @@ def plot_error_analysis(images, labels, probs, class_names, path, title, per_gro
         for ax in row:
             ax.set_axis_off()
         for ax, i in zip(row, idx):
-            show_image(ax, images[i], f"p={probs[i]:.2f}")
+            show_image(ax, images[i], p_text(probs[i]))
         truth, called = (class_names[k] for k in OUTCOMES[group])
         row[0].text(-0.15, 0.5, f"{group} (n={len(idx)}):\n{truth}\ncalled {called}",
                     transform=row[0].transAxes, ha="right", va="center", fontsize=9)
@@ -753,7 +789,7 @@ def part4_evaluate(best, chosen, data, cfg, out):
     plot_roc_pr(test_labels, probs, points, names, out / "part4_roc_pr.png", title)
     plot_error_analysis(data.x["test"], test_labels, probs, names,
                         out / "part4_error_analysis.png", f"{title}: most confident cases per "
-                        f"outcome at threshold 0.5, p = P({names[1]})")
+                        f"outcome at threshold 0.5\np = P({names[1]}); near 1, 1-p is shown")
     plot_calibration(test_labels, probs, names, out / "part4_calibration.png", title)
     return points
 
@@ -834,7 +870,7 @@ def plot_gradcam(trained, data, picks, device, path):
             rgb = np.repeat(img.numpy().transpose(1, 2, 0), 3, axis=2)   # (H, W, 3) in [0, 1]
             ax.imshow(show_cam_on_image(rgb, cam_map, use_rgb=True, image_weight=0.6))
             ax.set_axis_off()
-            ax.set_title(f"pred: {data.class_names[pred]}, p={p:.2f}", fontsize=8,
+            ax.set_title(f"pred: {data.class_names[pred]}, {p_text(p)}", fontsize=8,
                          color="black" if pred == y else "tab:red")
         row[0].text(-0.08, 0.5, MODEL_NAMES[name], transform=row[0].transAxes, rotation=90,
                     ha="right", va="center", fontsize=9)
@@ -1096,6 +1132,14 @@ def save_figure(fig, path):
     """Write a matplotlib figure as a PNG and close it, freeing its memory."""
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def p_text(p):
+    """P(finding) as text that tells confident cases apart: 1-p=3e-05 where 0.2f says 1.00.
+    float32 holds no value between 1 - 6e-8 and 1, so p == 1 means 1-p < 6e-8."""
+    if p >= 0.995:
+        return f"1-p={1 - p:.0e}" if p < 1 else "1-p<6e-08"
+    return f"p={p:.0e}" if p < 0.005 else f"p={p:.2f}"
 
 
 def show_image(ax, img, title=None):
