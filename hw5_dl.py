@@ -546,6 +546,22 @@ def bootstrap(labels, probs, n_resamples, seed):
     return {k: np.array(v) for k, v in draws.items()}
 
 
+def auc_difference(draws_a, draws_b):
+    """3.3: AUC(a) - AUC(b) on paired test resamples, its mean and 95% interval. Paired:
+    bootstrap() draws the same resamples for every model (same seed and labels), so the luck of
+    the split cancels out of the difference."""
+    d = draws_a["auc"] - draws_b["auc"]
+    return dict(difference=float(d.mean()), ci95=np.percentile(d, [2.5, 97.5]).tolist())
+
+
+def interval_verdict(d, a, b):
+    """3.2/3.3: what the 95% interval of AUC(a) - AUC(b) says."""
+    low, high = d["ci95"]
+    if low <= 0 <= high:
+        return "contains 0: this test split cannot tell the two apart"
+    return f"excludes 0: {MODEL_NAMES[a if low > 0 else b]} ranks better"
+
+
 def comparison_table(results):
     """3.3: the rubric's table in markdown, with specificity, validation, size and cost besides."""
     rows = ["| Model | Test Accuracy | Test AUC | Precision | Recall | Specificity | F1 | Val AUC "
@@ -580,14 +596,10 @@ def part3_compare(trained, data, cfg, out):
         draws[name] = bootstrap(labels, t.test_probs, cfg.bootstrap_resamples, cfg.seed)
         results[name]["test_ci95"] = {k: np.percentile(v, [2.5, 97.5]).tolist()   # 95% interval
                                       for k, v in draws[name].items()}
-    # Paired: bootstrap() draws the same resamples for every model (same seed, same labels), so
-    # AUC(best) - AUC(other) on them cancels the luck of the split.
-    differences = {}
-    for name in scored:
-        if name != best:
-            d = draws[best]["auc"] - draws[name]["auc"]
-            differences[name] = dict(difference=float(d.mean()),
-                                     ci95=np.percentile(d, [2.5, 97.5]).tolist())
+    differences = {k: auc_difference(draws[best], draws[k]) for k in scored if k != best}
+    if {"resnet18_pretrained", "resnet18_scratch"} <= set(scored):       # for 3.2
+        results["resnet18_pretrained"]["test_auc_gain_over_scratch"] = auc_difference(
+            draws["resnet18_pretrained"], draws["resnet18_scratch"])
     md = comparison_table(results) + ["", f"- Test split, threshold 0.5, positive class "
                                       f"{data.class_names[1]}; [stratified bootstrap 95% "
                                       f"interval, {cfg.bootstrap_resamples:,} resamples]. Chosen "
@@ -959,6 +971,32 @@ def training_line(name, r):
             f"{h[-1]['val_loss'] / best['val_loss'] - 1:.0%} above that.")
 
 
+def finetune_lines(scratch, pre):
+    """3.2: how fast the fine-tuned and the from-scratch ResNet18 learned, how good each became."""
+    if pre["status"] != "trained":
+        return ["Without ImageNet weights there is no fine-tuned model to compare: the answer to "
+                "3.2 needs a run with internet (or --pretrained-weights)."]
+    k = min(scratch["best_epoch"], pre["best_epoch"])         # an epoch both models reached
+    loss_at_k = [r["history"][k - 1]["val_loss"] for r in (pre, scratch)]
+    seconds = [sum(e["seconds"] for e in r["history"][:r["best_epoch"]]) for r in (pre, scratch)]
+    d, (low, high) = pre["test_auc_gain_over_scratch"], pre["test_auc_gain_over_scratch"]["ci95"]
+    faster = "learned faster" if loss_at_k[0] < loss_at_k[1] else "was not faster"
+    lower = "lower" if pre["val_loss"] < scratch["val_loss"] else "no lower"
+    return [f"- How fast: the lowest val loss came at epoch {pre['best_epoch']} fine-tuned, after "
+            f"{seconds[0]:.0f} s of training, and at epoch {scratch['best_epoch']} from scratch, "
+            f"after {seconds[1]:.0f} s. At epoch {k}, the earlier of the two, the val loss was "
+            f"{loss_at_k[0]:.3f} fine-tuned against {loss_at_k[1]:.3f} from scratch.",
+            f"- How good: at the restored epochs val loss {pre['val_loss']:.3f} against "
+            f"{scratch['val_loss']:.3f}, val AUC {pre['val']['auc']:.4f} against "
+            f"{scratch['val']['auc']:.4f}.",
+            f"- On test (read once, after training): AUC {pre['test']['auc']:.3f} against "
+            f"{scratch['test']['auc']:.3f}; the 95% interval of the paired difference, "
+            f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}], "
+            f"{interval_verdict(d, 'resnet18_pretrained', 'resnet18_scratch')}.",
+            f"- Verdict: fine-tuning {faster} than training from scratch and ended {lower} in val "
+            "loss."]
+
+
 def evaluation_lines(name, r, points, probs, labels, class_names):
     """4.1-4.3 and reflection 1: the chosen model's test results and its operating points."""
     neg, pos = class_names
@@ -999,22 +1037,16 @@ def write_summary(trained, best, table, differences, points, data, cfg, path):
     md = [f"# This run in numbers: {data.name}, seed {cfg.seed}"
           + (" (--quick: a check that every part runs, not a result)" if cfg.quick else ""), "",
           f"Positive class (the finding): **{data.class_names[1]}** (medmnist label "
-          f"{data.finding_label}). The comments in hw5_dl.py say how to read these numbers.", "",
+          f"{data.medmnist_labels[1]}). The comments in hw5_dl.py say how to read these numbers.", "",
           "## 2.3 Training curves (part2_training_curves.png)", "",
           training_line("simple_cnn", r["simple_cnn"]), "",
           "## 3.2 Fine-tuned against from scratch (part3_training_curves.png)", "",
-          training_line("resnet18_scratch", scratch), training_line("resnet18_pretrained", pre)]
-    if pre["status"] == "trained":
-        md += ["", f"Pretrained minus from scratch: val AUC "
-               f"{pre['val']['auc'] - scratch['val']['auc']:+.4f}, test accuracy "
-               f"{pre['test']['accuracy'] - scratch['test']['accuracy']:+.3f}, test AUC "
-               f"{pre['test']['auc'] - scratch['test']['auc']:+.3f}."]
-    md += ["", "## 3.3 Which model is best (part3_model_comparison.md)", "", table]
+          training_line("resnet18_scratch", scratch), training_line("resnet18_pretrained", pre),
+          "", *finetune_lines(scratch, pre),
+          "", "## 3.3 Which model is best (part3_model_comparison.md)", "", table]
     for name, d in differences.items():
-        low, high = d["ci95"]
-        verdict = ("contains 0: no clear difference" if low <= 0 <= high else
-                   f"excludes 0: {MODEL_NAMES[best if low > 0 else name]} ranks better")
-        md.append(f"The interval of the test AUC difference with {MODEL_NAMES[name]} {verdict}.")
+        md.append(f"The interval of the test AUC difference with {MODEL_NAMES[name]} "
+                  f"{interval_verdict(d, best, name)}.")
     md += ["", *evaluation_lines(best, r[best], points, trained[best].test_probs,
                                  data.y["test"].numpy(), data.class_names)]
     path.write_text("\n".join(md), encoding="utf-8")

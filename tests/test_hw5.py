@@ -266,16 +266,19 @@ def test_gradcam_maps_differ_per_class_and_are_not_constant(data):
         assert not np.allclose(maps, H.gradcam_maps(name, model, x, data, [0] * 4)), name
 
 
-def figure_texts(monkeypatch):
-    """Record every text drawn in each figure the script saves, keyed by file name."""
-    texts, save = {}, H.save_figure
+def record_figures(monkeypatch):
+    """Record, per saved figure (by file name), every text drawn in it and, per panel title,
+    the labels of the lines in that panel."""
+    texts, panels, save = {}, {}, H.save_figure
 
     def recording_save(fig, path):
         texts[path.name] = " | ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        panels[path.name] = {ax.get_title(): [line.get_label() for line in ax.get_lines()]
+                             for ax in fig.axes}
         save(fig, path)
 
     monkeypatch.setattr(H, "save_figure", recording_save)
-    return texts
+    return texts, panels
 
 
 def test_main_quick_with_cached_weights_hands_in_three_models(data_dir, resnet18_state_path,
@@ -286,7 +289,7 @@ def test_main_quick_with_cached_weights_hands_in_three_models(data_dir, resnet18
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copy(resnet18_state_path, torch_home / "hub" / "checkpoints")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    texts, out = figure_texts(monkeypatch), tmp_path / "out"
+    (texts, panels), out = record_figures(monkeypatch), tmp_path / "out"
     assert H.main(["--quick", "--data-dir", str(data_dir), "--outputs", str(out),
                    "--device", "cpu"]) == 0
     for name in OUTPUT_FILES:
@@ -306,12 +309,28 @@ def test_main_quick_with_cached_weights_hands_in_three_models(data_dir, resnet18
     table = (out / "part3_model_comparison.md").read_text(encoding="utf-8")
     assert "not run" not in table and table.count("| ResNet18 (pretrained) | 0.") == 1
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    assert "not a result" in summary and "Pretrained minus from scratch" in summary
+    assert "not a result" in summary
     for section in ("## 2.3", "## 3.2", "## 3.3", "## 4.1", "## 4.2", "## 4.3", "Reflection 1"):
         assert section in summary
     screening = m["operating_points"]["screening"]
     assert f"t = {screening['threshold']:.3f}" in summary
     assert "stage 2 from here" in texts["part3_training_curves.png"]
+    # 3.2 answered by the run: the summary's comparison and a panel that holds both models
+    pre, scratch = m["models"]["resnet18_pretrained"], m["models"]["resnet18_scratch"]
+    answer = summary.split("## 3.2")[1].split("## 3.3")[0]
+    assert f"at epoch {pre['best_epoch']} fine-tuned" in answer
+    assert f"at epoch {scratch['best_epoch']} from scratch" in answer
+    k = min(pre["best_epoch"], scratch["best_epoch"])
+    assert (f"At epoch {k}, the earlier of the two, the val loss was "
+            f"{pre['history'][k - 1]['val_loss']:.3f} fine-tuned against "
+            f"{scratch['history'][k - 1]['val_loss']:.3f} from scratch") in answer
+    low, high = pre["test_auc_gain_over_scratch"]["ci95"]
+    verdict = "contains 0" if low <= 0 <= high else "excludes 0"
+    assert f"[{low:+.3f}, {high:+.3f}], {verdict}" in answer and "Verdict: fine-tuning" in answer
+    for what in ("val loss", "val AUC"):
+        lines = panels["part3_training_curves.png"][f"3.2 fine-tuned against from scratch: {what}"]
+        for name in ("ResNet18 (pretrained)", "ResNet18 (from scratch)"):
+            assert sum(label.startswith(name) for label in lines) == 1, (what, name)
     assert "ResNet18 (pretrained): weighted BCE loss" in texts["part3_training_curves.png"]
     for figure in ("part5_filters.png", "part5_gradcam.png"):
         assert all(name in texts[figure] for name in H.MODEL_NAMES.values()), figure
@@ -321,7 +340,7 @@ def test_main_quick_with_cached_weights_hands_in_three_models(data_dir, resnet18
 
 def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypatch, offline):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    out = tmp_path / "out"
+    (texts, panels), out = record_figures(monkeypatch), tmp_path / "out"
     assert H.main(["--quick", "--data-dir", str(data_dir),
                    "--outputs", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -330,7 +349,9 @@ def test_main_offline_skips_pretrained_with_reason(data_dir, tmp_path, monkeypat
     assert m["best_model"] != "resnet18_pretrained"
     assert "not run:" in (out / "part3_model_comparison.md").read_text(encoding="utf-8")
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    assert "ResNet18 (pretrained): not run" in summary and "Pretrained minus" not in summary
+    assert "ResNet18 (pretrained): not run" in summary
+    assert "no fine-tuned model to compare" in summary and "Verdict: fine-tuning" not in summary
+    assert not any(title.startswith("3.2") for title in panels["part3_training_curves.png"])
     assert all((out / name).exists() for name in OUTPUT_FILES)
 
 
