@@ -16,7 +16,7 @@ import hw5_dl as H
 OUTPUT_FILES = ["part1_samples.png", "part1_class_distribution.png", "part1_augmentation.png",
                 "part2_training_curves.png", "part3_training_curves.png",
                 "part3_model_comparison.md", "part4_confusion_matrix.png", "part4_roc_pr.png",
-                "part4_error_analysis.png", "part4_calibration.png", "part5_filters.png",
+                "part4_error_analysis.png", "part5_filters.png",
                 "part5_gradcam.png", "summary.md", "metrics.json"]
 CPU = torch.device("cpu")
 
