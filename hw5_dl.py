@@ -1,18 +1,24 @@
 """HW5: deep learning on PneumoniaMNIST chest X-rays (28x28, normal vs pneumonia).
 
-One script answers Parts 1-5 of the assignment in order, then the reflection questions, in
-comments beside the code that makes their evidence: the reasoning, and what seeds 0-2 showed
-without ImageNet weights as ranges; each run writes its own numbers into outputs/summary.md.
+Parts 1-5 in order, then the reflection questions, answered in comments beside the code that
+makes their evidence: the reasoning, and the patterns (with ranges) seen over seeds 0-7 without
+ImageNet weights. Each run writes its own numbers, per question, into outputs/summary.md.
 
     python hw5_dl.py                    # full run (medmnist downloads the data on first use)
     python hw5_dl.py --data-dir data    # read data/pneumoniamnist.npz, no network needed
     python hw5_dl.py --quick            # every part on 512 images, under a minute on a CPU
 
-Result (bench/results/recipe.md, seeds 0-2, test split, threshold 0.5): the model chosen on
-validation reaches ACC 0.902 +- 0.010 / AUC 0.970 +- 0.006 in a 3-4 minute run on 2 free CPU
-cores; the MedMNIST v2 paper's ResNet-18 (28) reaches 0.854 / 0.944.
-Early stopping, the choice of model and every threshold use the validation split; the test split
-is predicted once per model, right after its training.
+A default run takes about 4 minutes on 2 CPU cores, 7 with ImageNet weights (the pretrained
+ResNet18 trains too). Over seeds 0-7 (bench/results/recipe.md) the model chosen on validation
+reaches test ACC 0.900 +- 0.007, AUC 0.968 +- 0.004; MedMNIST v2's ResNet-18 (28) 0.854 / 0.944
+[1]. Early stopping, the choice of model and every threshold use the validation split; the test
+split is predicted once per model, right after its training.
+
+[1] Yang et al. MedMNIST v2: a large-scale lightweight benchmark for 2D and 3D biomedical
+    image classification. Scientific Data 10, 41 (2023).
+[2] Doerrich et al. Rethinking model prototyping through the MedMNIST+ dataset collection (2024).
+[3] Selvaraju et al. Grad-CAM: visual explanations from deep networks. ICCV 2017.
+[4] Kermany et al. Identifying medical diagnoses ... by image-based deep learning. Cell 2018.
 """
 import argparse
 import copy
@@ -58,15 +64,14 @@ class Config:
     pretrained_weights: str = ""     # a local torchvision ResNet18 state dict; "" = torchvision's
     train_images: int = 0            # 0 = the whole training split; --quick keeps the first 512
     batch_size: int = 128            # the rubric's suggestion
-    # Augmentation (training split only): the rubric's three, drawn anew for every image.
-    flip_prob: float = 0.5           # rubric item, though clinically questionable (see 1.3)
+    flip_prob: float = 0.5           # augmentation (training only, per image): rubric items, 1.3
     max_rotation_deg: float = 10.0   # patients are never perfectly aligned on the detector
     brightness: float = 0.2          # factor in [0.8, 1.2]: exposure differs between machines
     contrast: float = 0.2            # factor in [0.8, 1.2]: so does the window/level
     # Training (2.2), one rule for every model and data set: Adam, validated after every epoch (one
-    # pass). The rate drops 10x after `drop_after` updates without a lower val loss, training stops
-    # after `stop_after`, and the epoch with the lowest val loss is restored. Counted in updates,
-    # patience and caps mean as much learning on 546 images (4 a pass) as on 4,708 (36 a pass).
+    # pass); the rate drops 10x after `drop_after` updates without a lower val loss, training stops
+    # after `stop_after`, the epoch of the lowest val loss is restored. Counted in updates, they
+    # mean as much learning on 546 images (4 updates a pass) as on 4,708 (36 a pass).
     drop_after: int = 144            # 4 PneumoniaMNIST epochs: val loss jumps at the first rate
     stop_after: int = 288            # as many again at the lower rate to find a new best
     cnn_updates: int = 1440          # at most 40 PneumoniaMNIST epochs
@@ -112,9 +117,8 @@ def load_data(cfg):
                         "with --data-dir FOLDER.") from None
     if cfg.train_images:                                 # --quick
         x["train"], y["train"] = x["train"][:cfg.train_images], y["train"][:cfg.train_images]
-    # drop_last: every update averages a whole batch (4,708 = 36 x 128 + 100: another 100 images
-    # wait for the next pass); a set of 128k + 1 images would end on a batch of 1, which
-    # ResNet18's BatchNorm cannot normalise at layer4's 1x1 (error in training mode).
+    # drop_last: whole batches only (4,708 = 36 x 128 + 100; the 100 left wait for another pass):
+    # on 128k + 1 images a batch of 1 would fail ResNet18's BatchNorm at layer4's 1x1.
     loaders = {"train": DataLoader(TensorDataset(x["train"], y["train"]), cfg.batch_size,
                                    shuffle=True, generator=torch.Generator().manual_seed(cfg.seed),
                                    drop_last=True),
@@ -129,15 +133,14 @@ def load_data(cfg):
 
 
 def augment(x, cfg):
-    """1.3: random flip, rotation, brightness and contrast, drawn anew for every image of the batch
-    x (torchvision's transforms draw once per call; once per image they double a CNN epoch)."""
+    """1.3: random flip, rotation, brightness and contrast, drawn anew for every image of batch x
+    (torchvision's transforms draw once per call: a call per image doubles a CNN epoch)."""
     n, device = len(x), x.device
     flip = torch.rand(n, device=device) < cfg.flip_prob
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    # Rotation, as in PyTorch's spatial transformer tutorial: theta = [[cos, -sin, 0], [sin, cos,
-    # 0]] per image; affine_grid turns it into the position (from -1 to 1 across the image) each
-    # output pixel is read from, and grid_sample reads there. Reflection fills the corners a
-    # rotation uncovers with nearby anatomy; zeros would paint black triangles no film has.
+    # Rotation by a matrix theta = [[cos, -sin, 0], [sin, cos, 0]] per image: affine_grid gives
+    # each output pixel the position (-1 to 1 across the image) it reads, grid_sample reads there.
+    # Reflection fills the uncovered corners with nearby anatomy, not black triangles.
     angle = torch.deg2rad(cfg.max_rotation_deg * (2 * torch.rand(n, device=device) - 1))
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
@@ -213,21 +216,19 @@ def part1_data(data, cfg, out):
     plot_augmentation(data, cfg, out / "part1_augmentation.png")
 
 
-# 1.2 Discussion: how might the class imbalance affect training? About 74% of training images
-# show pneumonia (part1_class_distribution.png). An unweighted loss is dominated by that class:
-# always answering "pneumonia" already gives ~74% accuracy, and the errors concentrate on the
-# minority class (normal lungs called pneumonia). Accuracy hides this, and its baseline moves
-# between splits (test is 62.5% pneumonia), so AUC, precision, recall, specificity and F1 stand
-# beside it. The loss weights the positive class by n_normal / n_pneumonia (pos_weight ~0.35):
-# both classes carry equal weight, and no image is thrown away as undersampling would.
+# 1.2 Discussion: how might the class imbalance affect training? 74% of training images show
+# pneumonia (part1_class_distribution.png). An unweighted loss is dominated by that class: always
+# answering "pneumonia" already scores 74% accuracy, and errors concentrate on normal lungs
+# called pneumonia. Accuracy hides this and its baseline moves between splits (test: 62.5%), so
+# AUC, precision, recall, specificity and F1 stand beside it. The loss weights the positive class
+# by n_normal / n_pneumonia (pos_weight ~0.35): both classes weigh equally, no image is dropped.
 #
 # 1.3 Discussion: why is augmentation important for medical imaging? Labelled medical images are
 # few (4,708 here) and a CNN memorises them quickly; augmentation shows it the variation it will
 # meet anyway (patient positioning -> small rotations; exposure and scanner settings ->
-# brightness and contrast), so it learns the disease, not the pixels. Augmentations must keep the
-# label and the anatomy plausible: the horizontal flip is clinically questionable (a heart on the
-# right is very rare), kept as pneumonia can sit in either lung and at 28x28 the heart's side is
-# a weak cue; large rotations, lung-cutting crops or inverted intensities would not be plausible.
+# brightness and contrast), so it learns the disease, not the pixels. It must keep the label and
+# the anatomy plausible: the horizontal flip is questionable (a heart on the right is very rare),
+# kept as pneumonia can sit in either lung and at 28x28 the heart's side is a weak cue.
 
 
 # ==================== Part 2: a simple CNN ===================================================
@@ -236,11 +237,10 @@ class SimpleCNN(nn.Module):
 
     - 3x3 kernels with padding 1 keep the size until each pool: 28 -> 14 -> 7 -> 3. Three blocks
       see most of a lung; a fourth would pool 3x3 to 1x1.
-    - Channels double per block (32, 64, 128) as the resolution halves: similar cost per block,
-      more room for the more abstract patterns of later blocks. BatchNorm (beyond the rubric's
-      minimum) allows a high learning rate and fewer epochs.
-    - FC 1152 -> 128 -> 1 with dropout 0.3 before each against memorising 4,708 images; one
-      output logit with BCE-with-logits is the natural binary head.
+    - Channels double (32, 64, 128) as the resolution halves: similar cost per block, more room
+      for later, more abstract patterns. BatchNorm allows a high learning rate, fewer epochs.
+    - FC 1152 -> 128 -> 1, dropout 0.3 before each against memorising 4,708 images; one logit
+      with BCE-with-logits is the natural binary head.
     """
 
     def __init__(self, channels=(32, 64, 128), hidden=128, dropout=0.3):
@@ -335,9 +335,8 @@ def fit(model, data, cfg, stage, stopper, history, name, device):
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight).to(device))  # 1.2
     set_trainable(model, stage.head_only)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], stage.lr)
-    # Config counts patience in updates; epochs() turns it into passes over this training split
-    # (4 on PneumoniaMNIST). ReduceLROnPlateau drops the rate once its bad epochs EXCEED its
-    # patience, hence the - 1; threshold=0: any lower val loss is better, as in EarlyStopping.
+    # epochs() turns Config's updates into passes (4 on PneumoniaMNIST). ReduceLROnPlateau drops
+    # the rate once its bad epochs EXCEED patience, hence - 1; threshold=0: any lower loss counts.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.1, patience=epochs(cfg.drop_after, data) - 1, threshold=0)
     stopper.new_stage()
@@ -447,8 +446,8 @@ def train_model(name, build, stages, data, cfg, device):
 
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
-    # channels_last stores a batch as (N, H, W, C), on which CPU convolutions run ~20% faster; on
-    # Apple MPS it gave silently wrong weight updates (pytorch/pytorch#118115): GPUs skip it.
+    # channels_last (N, H, W, C): CPU convolutions ~20% faster; wrong updates on Apple MPS
+    # (pytorch/pytorch#118115), so GPUs keep the default layout.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_updates, cfg.cnn_lr)], data, cfg, device)
@@ -458,16 +457,13 @@ def part2_simple_cnn(data, cfg, out, device):
 
 
 # 2.3 Discussion: is the model overfitting, and how can you tell? (This run: summary.md 2.3.)
-# Overfitting shows as a validation loss that turns upward while the training loss keeps falling,
-# with a widening train/val accuracy gap. part2_training_curves.png marks the rate drops, the
-# restored epoch (lowest val loss) and the end of training. In seeds 0-2 the CNN's val loss jumps
-# from epoch to epoch at the first rate; after the last rate drop both curves level off near
-# their lowest, and training stops on that plateau (the last val loss 2-14% above its low).
-# At the restored epoch the val loss is below the training loss (taken on augmented images,
-# dropout on) and the accuracies within 0.02: no overfitting, as augmentation, dropout and early
-# stopping regularise. The large gap is between validation (accuracy 0.969-0.983 there) and
-# test (0.858-0.901): the test split comes from another source split of the original data, a
-# dataset shift rather than overfitting, and validation is optimistic.
+# It would show as a val loss turning upward while the training loss keeps falling, and a
+# widening accuracy gap. Over seeds 0-7 the CNN's val loss jumps from epoch to epoch at the first
+# rate; after the last rate drop both curves level off near their lowest and training stops on
+# that plateau (last val loss 2-13% above its low). At the restored epoch train and val loss lie
+# within 0.004 (training loss on augmented images, dropout on), accuracies within 0.02: no
+# overfitting. The large gap is between validation (accuracy 0.962-0.983) and test
+# (0.859-0.905): the test split comes from another source split, a dataset shift.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -481,9 +477,8 @@ def gray_conv1(conv):
 
 def build_resnet18(state_dict=None):
     """3.1: torchvision's ResNet18 for 1x28x28 input and one output logit. Its stem (7x7 stride-2
-    conv, stride-2 max-pool) leaves 7x7 for layer1, 4x4 for layer2 (read by Grad-CAM) and 1x1
-    after layer4. We keep it: pretrained weights fit it, and it trains about twice as fast as
-    without the max-pool (bench/results/stems.md), within the run's few minutes."""
+    conv, stride-2 max-pool) leaves 7x7 for layer1, 4x4 for layer2 (read by Grad-CAM), 1x1 after
+    layer4; kept, as pretrained weights fit it and it trains 2x as fast (bench/results/stems.md)"""
     model = torchvision.models.resnet18()
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -600,32 +595,29 @@ def part3_compare(trained, data, cfg, out):
 
 
 # 3.1 Discussion: why might ImageNet pretrained weights help for medical images? X-rays are not
-# photos, but an ImageNet network's early layers are generic (edges, blobs, gradients, textures
-# at several scales), and lung fields, rib edges and opacities are made of them: from there the
-# network needs fewer labelled images and epochs, and overfits less than 11M random parameters on
-# 4,708 images. The gain shrinks far from ImageNet's domain and at 28x28, below their scale.
+# photos, but an ImageNet network's early layers are generic (edges, blobs, gradients, textures),
+# and lung fields, rib edges and opacities are made of them: from there the network needs fewer
+# labelled images and epochs, and overfits less than 11M random parameters on 4,708 images. The
+# gain shrinks far from ImageNet's domain and at 28x28, below the scale of its features.
 #
-# 3.2 Fine-tuning strategy: stage 1 freezes the backbone and trains only the new head, so its
-# random weights cannot send large, noisy gradients into the pretrained features (BatchNorm
-# stays in training mode: its running statistics move to X-rays' while its weights stay fixed).
-# Stage 2 unfreezes everything at a ~3x lower rate, so the features are adjusted, not
-# overwritten; early stopping spans both stages (the weights of the lowest val loss in either).
-# part3_training_curves.png and summary.md 3.2 compare it with training from scratch; without
-# ImageNet weights (no internet) it is skipped with its reason, and nothing stands in for it.
-# At 28x28 pretraining is no sure gain: 0.831 / 0.950 test ACC / AUC pretrained (MedMNIST+,
-# 2024), 0.854 / 0.944 from scratch (MedMNIST v2, 2023), both ResNet18.
+# 3.2 Fine-tuning strategy: stage 1 trains only the new head, so its random weights cannot send
+# large, noisy gradients into the pretrained features (BatchNorm statistics still move to
+# X-rays'); stage 2 unfreezes everything at a ~3x lower rate, to adjust the features, not
+# overwrite them; early stopping spans both stages. Against training from scratch (summary.md
+# 3.2, last row of part3_training_curves.png): a lower val loss early means ImageNet's features
+# transfer and save training, a lower one at the restored epoch a better model, and the paired
+# test AUC interval says whether the test split can tell them apart. At 28x28 pretraining is no
+# sure gain: ResNet18 fine-tuned reaches 0.831 / 0.950 test ACC / AUC [2], from scratch 0.854 /
+# 0.944 [1]. Without ImageNet weights the model is skipped with its reason; nothing stands in.
 #
-# 3.3 Which model performs best, and why? Validation alone chooses, before any test number is
-# read (highest val AUC to 3 decimals, a tie to the lower val loss; this run: summary.md 3.3).
-# Over seeds 0-2 the Simple CNN and ResNet18 from scratch end level on validation (val AUC
-# 0.996-0.998 each; the tie went to ResNet18 twice, to the CNN once). On test ResNet18 ranks
-# slightly but consistently better: AUC 0.970-0.976 against 0.962-0.965 (the paired 95% interval
-# of the difference above 0 in each seed), accuracy at 0.5 0.902-0.912 against 0.858-0.901.
-# Saturated validation cannot see a gap that shows only after the shift to test; ResNet18's 11M
-# parameters (46x the CNN's) buy 0.006-0.011 AUC there for 2-4 times the training time:
-# little, as 28x28 holds little fine structure. With ImageNet weights the pretrained ResNet18
-# enters the same choice and, if it wins on validation, is the model of Parts 4-5 (each figure
-# names its model); whether its head start survives the shift to test is read, not assumed.
+# 3.3 Which model performs best, and why? Validation alone chooses (highest val AUC to 3
+# decimals, a tie to the lower val loss; this run: summary.md 3.3). Over seeds 0-7 the Simple CNN
+# and ResNet18 from scratch end level on validation (val AUC 0.9965-0.9980; the CNN chosen 5
+# times, ResNet18 3). On test ResNet18 usually ranks better: AUC 0.966-0.975 against 0.962-0.969
+# (the paired 95% interval in its favour in 5 of 8 seeds, containing 0 in 3), accuracy at 0.5
+# 0.888-0.912 against 0.859-0.905. Saturated validation cannot see a gap that shows only after
+# the shift; 46x the parameters buy at most ~0.01 test AUC for several times the training time,
+# as 28x28 holds little fine structure. A pretrained model, when it trains, enters the same choice.
 
 
 # ==================== Part 4: evaluation of the best model ===================================
@@ -761,28 +753,21 @@ def part4_evaluate(best, chosen, data, cfg, out):
 
 
 # 4.1 Which metric matters most for pneumonia screening? Recall (sensitivity): a missed pneumonia
-# goes home untreated, a false alarm costs a second read or a follow-up film. Calling everyone
-# sick games recall, so it is read with specificity (or precision) and the threshold-free AUC:
-# screening fixes a recall target on validation and reports the specificity left (4.2).
+# goes home untreated, a false alarm costs a second read. Calling everyone sick games recall, so
+# it is read with specificity (or precision) and the threshold-free AUC (this run: summary.md 4.1).
 #
-# 4.2 Operating points and calibration. Three thresholds are fixed on validation, then read on
-# test (summary.md 4.2; part4_roc_pr.png marks them and zooms in): 0.5; the maximum of Youden's
-# J; and the screening point, the highest threshold that keeps val recall >= 0.99 and finds more
-# val pneumonias than 0.5 (validation is nearly separable: a plain recall rule could land above
-# 0.5 and buy no sensitivity). part4_calibration.png, in seeds 0-2: the reliability curve runs
-# mostly below the diagonal (the model over-states pneumonia on test), most probabilities lie
-# below 0.1 or above 0.9 (gray bars), and normal films are among those above 0.9
-# (over-confidence; summary.md counts them). Deployment would recalibrate (Platt or isotonic).
+# 4.2 Operating points (summary.md 4.2): three thresholds fixed on validation, read on test: 0.5;
+# the maximum of Youden's J; the screening point, the highest threshold that keeps val recall
+# >= 0.99 and finds more val pneumonias than 0.5 (validation is nearly separable: a plain recall
+# rule could land above 0.5 and buy nothing). Each trades specificity for recall (part4_roc_pr).
 #
-# 4.3 Patterns in the errors (part4_error_analysis.png, most confident first; this run:
-# summary.md 4.3). False positives outnumber false negatives: 49-61 against 6-8 for the chosen
-# model over seeds 0-2; from validation to test its specificity at 0.5 falls (0.993 to
-# 0.739-0.791) while recall holds (0.961 to 0.979-0.985): the shift between source splits shows
-# as normal films called pneumonia. Some confident false positives are bright, low-contrast films
-# with grayish lungs, as hazy as the true positives (at 28x28 a hazy exposure looks like a
-# diffuse opacity); others show clear lungs, or are unlike any training film (a black-framed film
-# in seeds 0 and 2). Most true negatives are high-contrast films with dark, aerated lungs, and so
-# are most false negatives.
+# 4.3 Patterns in the errors (part4_error_analysis.png, most confident first; summary.md 4.3).
+# False positives outnumber false negatives, 49-61 against 3-11 for the chosen model over seeds
+# 0-7; from validation to test its specificity at 0.5 falls (0.978-0.993 to 0.739-0.791) while
+# recall does not (0.954-0.972 to 0.972-0.992): the shift shows as normal films called pneumonia.
+# Confident false positives tend to be bright, low-contrast films with grayish lungs, as hazy as
+# the true positives (at 28x28 a hazy exposure looks like a diffuse opacity), or films unlike
+# any training film (a black frame). True negatives are high-contrast films with dark lungs.
 
 
 # ==================== Part 5: interpretability ===============================================
@@ -808,7 +793,7 @@ def plot_filters(models, path, cols=16):
 
 def gradcam_maps(name, model, x, data, classes):
     """5.2: Grad-CAM maps (N, 28, 28) in [0, 1] of classes[i] for image i, from the CNN's last
-    ReLU (7x7) or ResNet18's layer2 (4x4; layer4 is 1x1 at 28x28)."""
+    ReLU (7x7) or ResNet18's layer2 (4x4; layer4 is 1x1 at 28x28, a blank map)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
     layer = model.features[-1][2] if name == "simple_cnn" else model.layer2[-1]
@@ -859,48 +844,41 @@ def part5_interpret(trained, best, data, device, out):
 
 
 # 5.1 What patterns do the filters detect? (part5_filters.png; each filter on its own colour
-# scale: compare shapes, not strengths.) A few of the CNN's 3x3 filters resemble oriented edge
-# detectors, a positive row or column beside a negative one; others are blobs, most are
-# irregular mixes: 3x3 leaves little room. ResNet18's 7x7 filters from
-# scratch look like noise: after a stride-2 stem and BatchNorm they act as a learned
-# down-sampling. With ImageNet weights a third band shows the pretrained ones (RGB summed, 3.1):
-# expect ImageNet's smooth oriented edges and blobs.
+# scale: compare shapes, not strengths.) Some of the CNN's 3x3 filters are oriented edge
+# detectors (a positive row or column beside a negative one), others blobs or irregular mixes.
+# ResNet18's 7x7 filters from scratch look like noise: with a stride-2 stem and BatchNorm after
+# them they act as a learned down-sampling. With ImageNet weights a third panel shows the
+# pretrained ones (RGB summed, 3.1): smooth oriented edges and blobs.
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png: maps of the class
-# each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Partly, and less
-# so for ResNet18. In seeds 0-2 the CNN's evidence for its true positives is a blob on the
-# mediastinum (the heart shadow), not on the lung fields: at 7x7 it reads the central brightness,
-# not an opacity, and the confident false positive gets a central blob too (weaker in some
-# seeds). ResNet18's 4x4 maps mark the same spot in several films whatever their class, or a
-# corner at the image's edge (its pneumonia evidence in seed 0): shortcuts, not anatomy. Such
-# coarse maps are a sanity check that exposes shortcuts, not proof of clinical validity.
+# each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Only partly. The
+# maps are coarse (7x7 CNN, 4x4 ResNet18): they say which region, never which opacity. Evidence
+# on the lung fields is relevant; on the mediastinum (heart shadow), a border or a corner it is a
+# shortcut (brightness, exposure, framing). Both appear, in correct predictions too: a sanity
+# check that exposes shortcuts, not proof of clinical validity.
 
 
 # ==================== Reflection questions ===================================================
 # 1. Clinical deployment: which threshold, and what do false positives and negatives cost?
-#    Not 0.5 by default: for screening we fix the sensitivity we need on validation and take the
-#    highest threshold that keeps it (the screening point: val recall >= 0.99, more than 0.5
-#    gives; this run: summary.md "Reflection 1"). Over seeds 0-2 it lies at t = 0.08-0.18 and on
-#    test misses 0-3 pneumonias instead of 6-8, at specificity 0.555-0.671 (77-104 false alarms
-#    instead of 49-61). The threshold is low because probabilities crowd near 0 and 1 (4.2) and
-#    pos_weight ~0.35 lowers P(pneumonia) for every film. Specificity there is lower on test than
-#    on validation (0.918-0.956): the deploying site must re-choose the threshold on its data.
-#    A false negative is a missed pneumonia: delayed antibiotics and possible deterioration,
-#    most dangerous in young children. A false positive costs a radiologist's second look,
-#    perhaps unneeded antibiotics or a repeat film, and erodes trust if frequent. A missed case
-#    costs far more, so we accept lower specificity: the model is a triage aid that prioritises
-#    films for a human reader, not a replacement for one.
-# 2. Three limitations of MedMNIST (28x28) compared with clinical chest X-rays: (a) resolution:
-#    28x28 erases the fine findings radiologists use (small consolidations, air bronchograms,
-#    line tips); (b) data: one pediatric source (Guangzhou), binary labels without subtype
-#    (bacterial/viral), location or severity, no patient metadata or prior films; (c) evaluation:
-#    a small test split (624), splits not guaranteed patient-disjoint, no adults, other hospitals
-#    or scanners: numbers need intervals and external validation.
-# 3. Next steps with full-resolution X-rays and a GPU cluster: train at 224-512 px from ImageNet-
-#    or, better, chest-X-ray-pretrained backbones (CheXpert/MIMIC-CXR) with stronger but
-#    plausible augmentation; patient-level splits, cross-validation and external test sites; a
-#    hyperparameter search on validation only; calibrated probabilities with intervals;
-#    ensembles; heatmaps checked by radiologists or against lung segmentations (shortcuts).
+#    Not 0.5: for screening we fix the sensitivity we need on validation and take the highest
+#    threshold that keeps it (the screening point, val recall >= 0.99; this run: summary.md
+#    "Reflection 1"). Over seeds 0-7 it lies at t = 0.03-0.17 (pos_weight ~0.35 lowers every
+#    P(pneumonia)) and on test misses 0-3 pneumonias instead of 3-11, at specificity 0.513-0.671
+#    (77-114 false alarms instead of 49-61), lower than on validation (0.881-0.956): a deploying
+#    site must re-choose it on its own data. A missed pneumonia means delayed antibiotics and
+#    possible deterioration, most dangerous in young children; a false alarm costs a second
+#    look, perhaps unneeded antibiotics or a repeat film, and trust if frequent. A miss costs far
+#    more, so we accept lower specificity: a triage aid ordering films for a human reader.
+# 2. Three limitations of MedMNIST (28x28) against clinical chest X-rays: (a) resolution: 28x28
+#    erases the fine findings radiologists use (small consolidations, air bronchograms, line
+#    tips); (b) data: one pediatric source (Guangzhou [4]), binary labels without subtype,
+#    location or severity, no patient metadata or prior films; (c) evaluation: a small test
+#    split (624), splits not guaranteed patient-disjoint, no adults, other hospitals or scanners.
+# 3. Next steps with full-resolution X-rays and a GPU cluster: 224-512 px, from ImageNet- or,
+#    better, chest-X-ray-pretrained backbones (CheXpert, MIMIC-CXR), stronger but plausible
+#    augmentation; patient-level splits, cross-validation, external test sites; a hyperparameter
+#    search on validation only; calibrated probabilities; ensembles; heatmaps checked by
+#    radiologists or against lung segmentations.
 
 
 # ==================== The whole run: its numbers into summary.md, Parts 1-5 in order ==========
@@ -1040,18 +1018,20 @@ def main(argv=None):
 def parse_args(argv=None):
     """The command line as a Config (every flag is a Config field)."""
     d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,            # usage, times, results
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=d.data_dir, help="folder of the npz (downloaded there "
                    "when missing); default: medmnist's ~/.medmnist")
-    p.add_argument("--outputs", default=d.outputs, help="folder for figures and metrics.json")
+    p.add_argument("--outputs", default=d.outputs,
+                   help="folder for figures and metrics.json (default: %(default)s)")
     p.add_argument("--device", default=d.device, choices=["auto", "cuda", "mps", "cpu"],
-                   help="auto picks CUDA, then Apple MPS, then the CPU")
-    p.add_argument("--seed", type=int, default=d.seed)
+                   help="auto (the default) picks CUDA, then Apple MPS, then the CPU")
+    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     p.add_argument("--pretrained-weights", default=d.pretrained_weights, metavar="PATH",
                    help="torchvision ResNet18 state dict; default: torchvision's download/cache")
     p.add_argument("--dataset", default=d.dataset, choices=FINDING,
-                   help="a binary 2D MedMNIST set; another needs its finding added to FINDING")
+                   help="a binary 2D MedMNIST set (default: %(default)s); another needs its "
+                   "finding added to FINDING")
     p.add_argument("--quick", action="store_true", help="check every part on 512 images")
     cfg = Config(**vars(p.parse_args(argv)))
     if not 0 <= cfg.seed < 2**32:
