@@ -335,10 +335,6 @@ def fit(model, data, cfg, stage, stopper, history, name, device):
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(data.pos_weight).to(device))  # 1.2
     set_trainable(model, stage.head_only)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], stage.lr)
-    # epochs() turns Config's updates into passes (4 on PneumoniaMNIST). ReduceLROnPlateau drops
-    # the rate once its bad epochs EXCEED patience, hence - 1; threshold=0: any lower loss counts.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=0.1, patience=epochs(cfg.drop_after, data) - 1, threshold=0)
     stopper.new_stage()
     for _ in range(epochs(stage.updates, data)):
         tic = time.perf_counter()
@@ -350,9 +346,11 @@ def fit(model, data, cfg, stage, stopper, history, name, device):
         print("  {} epoch {epoch:2d} ({stage}, lr {lr:.0e}): train loss {train_loss:.3f} acc "
               "{train_acc:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} auc {val_auc:.4f}"
               .format(name, **row))
-        scheduler.step(row["val_loss"])
         if stopper.step(row["val_loss"], model, row["epoch"]):
             break
+        if stopper.bad_epochs and stopper.bad_epochs % epochs(cfg.drop_after, data) == 0:
+            for group in optimizer.param_groups:      # drop_after updates without a lower loss
+                group["lr"] *= 0.1
 
 
 def epoch_axes(ax, what, r, events=True):
@@ -523,24 +521,26 @@ def part3_resnet18(data, cfg, out, device, imagenet_state, skip_reason):
 
 
 def bootstrap(labels, probs, n_resamples, seed):
-    """3.3: AUC, accuracy, recall, specificity (at 0.5) on seeded, stratified test resamples."""
+    """3.3: AUC, accuracy, recall and specificity (at 0.5) of every model ({name: test probs}) on
+    the same seeded, stratified test resamples, each with the test split's class counts."""
     rng = np.random.default_rng(seed)
-    hit = (probs >= 0.5) == labels
-    draws = {"auc": [], "accuracy": [], "recall": [], "specificity": []}
+    draws = {k: {m: [] for m in ("auc", "accuracy", "recall", "specificity")} for k in probs}
     for _ in range(n_resamples):
         negatives = rng.choice(np.flatnonzero(labels == 0), (labels == 0).sum())
         positives = rng.choice(np.flatnonzero(labels == 1), (labels == 1).sum())
-        idx = np.concatenate([negatives, positives])
-        draws["auc"].append(skm.roc_auc_score(labels[idx], probs[idx]))
-        draws["accuracy"].append(hit[idx].mean())
-        draws["recall"].append(hit[positives].mean())
-        draws["specificity"].append(hit[negatives].mean())
-    return {k: np.array(v) for k, v in draws.items()}
+        idx = np.concatenate([negatives, positives])        # one resample for all models: paired
+        for k, p in probs.items():
+            hit = (p >= 0.5) == labels
+            draws[k]["auc"].append(skm.roc_auc_score(labels[idx], p[idx]))
+            draws[k]["accuracy"].append(hit[idx].mean())
+            draws[k]["recall"].append(hit[positives].mean())
+            draws[k]["specificity"].append(hit[negatives].mean())
+    return {k: {m: np.array(v) for m, v in d.items()} for k, d in draws.items()}
 
 
 def auc_difference(draws, a, b):
-    """3.2/3.3: AUC(a) - AUC(b) on the same test resamples (bootstrap draws the same ones for
-    every model, so the luck of the split cancels): mean, 95% interval and what it says."""
+    """3.2/3.3: AUC(a) - AUC(b) on the same test resamples (paired: the luck of the split cancels),
+    its mean, 95% interval and what that says."""
     d = draws[a]["auc"] - draws[b]["auc"]
     low, high = np.percentile(d, [2.5, 97.5]).tolist()
     verdict = ("contains 0: this test split cannot tell the two apart" if low <= 0 <= high else
@@ -571,9 +571,9 @@ def part3_compare(trained, data, cfg, out):
     scored = {k: t for k, t in trained.items() if t.model is not None}
     # The highest val AUC to 3 decimals (smaller gaps are noise), a tie to the lower val loss.
     best = max(scored, key=lambda k: (round(results[k]["val"]["auc"], 3), -results[k]["val_loss"]))
-    labels, draws = data.y["test"].numpy(), {}
-    for name, t in scored.items():
-        draws[name] = bootstrap(labels, t.test_probs, cfg.bootstrap_resamples, cfg.seed)
+    draws = bootstrap(data.y["test"].numpy(), {k: t.test_probs for k, t in scored.items()},
+                      cfg.bootstrap_resamples, cfg.seed)
+    for name in scored:
         results[name]["test_ci95"] = {k: np.percentile(v, [2.5, 97.5]).tolist()   # 95% interval
                                       for k, v in draws[name].items()}
     differences = {k: auc_difference(draws, best, k) for k in scored if k != best}
