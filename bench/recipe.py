@@ -105,7 +105,7 @@ def seed_rows(runs):
             f"{diff['ci95'][1]:+.3f}] | {chosen['val']['recall']:.3f} / "
             f"{chosen['val']['specificity']:.3f} | {chosen['test']['recall']:.3f} / "
             f"{chosen['test']['specificity']:.3f} | {p['0.5']['fn']} / {p['0.5']['fp']} | "
-            f"{p['max Youden J']['threshold']:.3f} | {p['screening']['threshold']:.3f} | "
+            f"{p['screening']['threshold']:.3f} | "
             f"{p['screening']['val_specificity']:.3f} | {p['screening']['recall']:.3f} / "
             f"{p['screening']['specificity']:.3f} | {p['screening']['fn']} / "
             f"{p['screening']['fp']} |")
@@ -140,12 +140,12 @@ def main():
                   "val ACC | test ACC | test AUC |", "|---" * 8 + "|", *models, "",
                   "Chosen model: paired test AUC difference with the other model [95% interval], "
                   "recall / specificity at 0.5 (val, then test), missed / false alarms on test "
-                  "at 0.5, the Youden and screening thresholds (fixed on validation), the "
-                  "screening point's val specificity, its test recall / specificity and its "
-                  "missed / false alarms.", "",
+                  "at 0.5, the screening threshold (fixed on validation), the screening "
+                  "point's val specificity, its test recall / specificity and its missed / "
+                  "false alarms.", "",
                   "| seed | chosen | AUC(chosen) − AUC(other) | val recall / spec. | test recall "
-                  "/ spec. | FN / FP at 0.5 | Youden t | screening t | screening val spec. | "
-                  "screening test recall / spec. | screening FN / FP |", "|---" * 11 + "|",
+                  "/ spec. | FN / FP at 0.5 | screening t | screening val spec. | "
+                  "screening test recall / spec. | screening FN / FP |", "|---" * 10 + "|",
                   *points]
     text = "\n".join(lines) + "\n"
     print(text)
