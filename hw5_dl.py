@@ -786,7 +786,7 @@ def plot_filters(models, path, cols=16):
         panel.suptitle(f"{MODEL_NAMES[name]}: first conv layer, {len(w)} filters "
                        f"{w.shape[1]}x{w.shape[2]}", fontsize=10, x=0.02, ha="left")
     fig.suptitle("First-layer filters, each on its own symmetric scale ±max|weight|: red "
-                 "positive, blue negative, white zero", fontsize=10, y=1.02)
+                 "positive, blue negative, white zero", fontsize=10, y=1.07)
     save_figure(fig, path)
 
 
