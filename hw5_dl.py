@@ -11,8 +11,8 @@ ImageNet weights. Each run writes its own numbers, per question, into outputs/su
 A default run takes about 4 minutes on 2 CPU cores, 7 with ImageNet weights (the pretrained
 ResNet18 trains too). Over seeds 0-7 (bench/results/recipe.md) the model chosen on validation
 reaches test ACC 0.900 +- 0.007, AUC 0.968 +- 0.004; MedMNIST v2's ResNet-18 (28) 0.854 / 0.944
-[1]. Early stopping, the choice of model and every threshold use the validation split; the test
-split is predicted once per model, right after its training.
+[1]. Early stopping, the choice of model and every threshold read validation only; the test
+split is predicted once per model.
 
 [1] Yang et al. MedMNIST v2: a large-scale lightweight benchmark for 2D and 3D biomedical
     image classification. Scientific Data 10, 41 (2023).
@@ -164,9 +164,8 @@ def plot_samples(data, path, per_class=8):
     for label, row in enumerate(axes):
         for ax, i in zip(row, torch.nonzero(data.y["train"] == label)[:per_class, 0]):
             show_image(ax, data.x["train"][i])
-        row[0].set_title(f"{data.class_names[label]} ({'positive' if label else 'negative'} "
-                         f"class; medmnist label {data.medmnist_labels[label]})", fontsize=9,
-                         loc="left")
+        row[0].set_title(f"{data.class_names[label]} ({'positive' if label else 'negative'}, "
+                         f"medmnist label {data.medmnist_labels[label]})", fontsize=9, loc="left")
     fig.suptitle(f"{data.name} training samples per class")
     save_figure(fig, path)
 
@@ -364,13 +363,17 @@ def epoch_axes(ax, what, r, events=True):
     if events:
         ax.axvline(r["best_epoch"], color="gray", ls="--", label=f"restored: epoch "
                    f"{r['best_epoch']}")
-    ax.set(xlabel="epoch", ylabel=what, xlim=(0.5, None))
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if "loss" in what:                                  # ticks 0.03, 0.05, 0.1, not 3x10^-2
+    ax.set(xlabel="epoch", ylabel=what, xlim=(0.5, ax.dataLim.x1 + 0.5))     # up to the last epoch
+    ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
+    if "loss" in what:                  # plain ticks (0.03, 0.05, 0.1), one at or below the data
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 4, 5, 7)))
-        ax.yaxis.set(major_formatter=ticker.FormatStrFormatter("%g"),
+        ticks = ticker.LogLocator(subs=(1, 2, 3, 4, 5, 7))
+        low = ax.get_ylim()[0]
+        ax.set_ylim(bottom=max(t for t in ticks.tick_values(low / 2, low) if t <= low))
+        ax.yaxis.set(major_locator=ticks, major_formatter=ticker.FormatStrFormatter("%g"),
                      minor_formatter=ticker.NullFormatter())
+    else:                                               # accuracy and AUC end at 1
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1))
     ax.grid(alpha=0.3)
 
 
@@ -403,10 +406,9 @@ def plot_training_curves(results, path, title):
             epoch_axes(ax, what, trained[pair[0]], events=False)
         axes[-1, 1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
-    for k, r in results.items():
-        if k not in trained:                             # a note below the plots says why
-            fig.supxlabel(f"No curves for {MODEL_NAMES[k]}: {r['reason']}".replace("; ", ";\n"),
-                          fontsize=9)
+    for k in results.keys() - trained.keys():        # a note below the plots says why
+        fig.supxlabel(f"No curves for {MODEL_NAMES[k]}: {results[k]['reason']}"
+                      .replace("; ", ";\n"), fontsize=9)
     save_figure(fig, path)
 
 
@@ -426,7 +428,8 @@ def train_model(name, build, stages, data, cfg, device):
     set_trainable(model, head_only=False)        # Grad-CAM needs gradients everywhere
     val_logits, val_labels = predict(model, data.loaders["val"], data, device)
     test_logits, test_labels = predict(model, data.loaders["test"], data, device)  # the one read
-    val_probs, test_probs = val_logits.sigmoid().numpy(), test_logits.sigmoid().numpy()
+    # float64, as float32 rounds every P above 1 - 6e-8 to 1 and confident films would tie there
+    val_probs, test_probs = (v.double().sigmoid().numpy() for v in (val_logits, test_logits))
     max_epochs = sum(epochs(s.updates, data) for s in stages)
     r = dict(status="trained", params=sum(p.numel() for p in model.parameters()),
              epochs_trained=len(history), max_epochs=max_epochs, best_epoch=stopper.best_epoch,
@@ -444,7 +447,7 @@ def train_model(name, build, stages, data, cfg, device):
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
     # channels_last (N, H, W, C): CPU convolutions ~20% faster; on Apple MPS it gave silently
-    # wrong weight updates in torch 2.1-2.3, so GPUs keep the default layout.
+    # wrong weight updates (PyTorch issue 118115), so GPUs keep the default layout.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_updates, cfg.cnn_lr)], data, cfg, device)
@@ -454,13 +457,12 @@ def part2_simple_cnn(data, cfg, out, device):
 
 
 # 2.3 Discussion: is the model overfitting, and how can you tell? (This run: summary.md 2.3.)
-# It would show as a val loss turning upward while the training loss keeps falling, and a
-# widening accuracy gap. Over seeds 0-7 the CNN's val loss jumps from epoch to epoch at the first
-# rate; after the last rate drop both curves level off near their lowest and training stops on
-# that plateau (last val loss 2-13% above its low). At the restored epoch the val loss is at most
-# 0.002 above the training loss (taken on augmented images, dropout on), below it in 6 of 8
-# seeds, and the accuracies lie within 0.02: no overfitting. The large gap is between validation
-# (accuracy 0.962-0.983) and test (0.859-0.905): the test split comes from another source split.
+# It would show as a val loss turning up while the training loss keeps falling. Over seeds 0-7
+# the CNN's val loss jumps from epoch to epoch at the first rate, then levels off after the last
+# rate drop, where training stops (last val loss 2-13% above its low). At the restored epoch the
+# val loss is at most 0.002 above the training loss (taken on augmented images, dropout on),
+# below it in 6 of 8 seeds, accuracies within 0.02: no overfitting. The large gap is between
+# validation (accuracy 0.962-0.983) and test (0.859-0.905), from another source split.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -533,7 +535,7 @@ def bootstrap(labels, probs, n_resamples, seed):
             hit = (p >= 0.5) == labels
             draws[k]["auc"].append(skm.roc_auc_score(labels[idx], p[idx]))
             draws[k]["accuracy"].append(hit[idx].mean())
-            draws[k]["recall"].append(hit[positives].mean())
+            draws[k]["recall"].append(hit[positives].mean())         # resampled positives found
             draws[k]["specificity"].append(hit[negatives].mean())
     return {k: {m: np.array(v) for m, v in d.items()} for k, d in draws.items()}
 
@@ -569,8 +571,10 @@ def part3_compare(trained, data, cfg, out):
     """Part 3.3: choose the model for Parts 4-5 on validation, then compare all on test."""
     results = {k: t.result for k, t in trained.items()}
     scored = {k: t for k, t in trained.items() if t.model is not None}
-    # The highest val AUC to 3 decimals (smaller gaps are noise), a tie to the lower val loss.
-    best = max(scored, key=lambda k: (round(results[k]["val"]["auc"], 3), -results[k]["val_loss"]))
+    # Val AUCs within 0.001 of the best tie (saturated validation: noise); lowest val loss wins.
+    top = max(results[k]["val"]["auc"] for k in scored)
+    best = min((k for k in scored if results[k]["val"]["auc"] >= top - 0.001),
+               key=lambda k: results[k]["val_loss"])
     draws = bootstrap(data.y["test"].numpy(), {k: t.test_probs for k, t in scored.items()},
                       cfg.bootstrap_resamples, cfg.seed)
     for name in scored:
@@ -583,8 +587,7 @@ def part3_compare(trained, data, cfg, out):
     md = comparison_table(results) + ["", f"- Test split, threshold 0.5, positive class "
                                       f"{data.class_names[1]}; [stratified bootstrap 95% "
                                       f"interval, {cfg.bootstrap_resamples:,} resamples]. Chosen "
-                                      "on validation for Parts 4-5 (highest val AUC to 3 "
-                                      f"decimals, then lower val loss): **{MODEL_NAMES[best]}**."]
+                                      f"on validation for Parts 4-5: **{MODEL_NAMES[best]}**."]
     md += [f"- AUC({MODEL_NAMES[best]}) − AUC({MODEL_NAMES[k]}) on the same test resamples: "
            "{:+.3f} [{:+.3f}, {:+.3f}], {}.".format(d["difference"], *d["ci95"], d["verdict"])
            for k, d in differences.items()]
@@ -610,8 +613,8 @@ def part3_compare(trained, data, cfg, out):
 # sure gain: ResNet18 fine-tuned reaches 0.831 / 0.950 test ACC / AUC [2], from scratch 0.854 /
 # 0.944 [1]. Without ImageNet weights the model is skipped with its reason; nothing stands in.
 #
-# 3.3 Which model performs best, and why? Validation alone chooses (highest val AUC to 3
-# decimals, a tie to the lower val loss; this run: summary.md 3.3). Over seeds 0-7 the Simple CNN
+# 3.3 Which model performs best, and why? Validation alone chooses (the lowest val loss among val
+# AUCs within 0.001 of the best; this run: summary.md 3.3). Over seeds 0-7 the Simple CNN
 # and ResNet18 from scratch end level on validation (val AUC 0.9965-0.9980; the CNN chosen 5
 # times, ResNet18 3). On test ResNet18 usually ranks better: AUC 0.966-0.975 against 0.962-0.969
 # (the paired 95% interval in its favour in 5 of 8 seeds, containing 0 in 3), accuracy at 0.5
@@ -685,9 +688,10 @@ def plot_roc_pr(labels, probs, points, class_names, path, title):
     fpr, tpr, _ = skm.roc_curve(labels, probs)
     precision, recall, _ = skm.precision_recall_curve(labels, probs)
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 5.2), layout="constrained")
-    roc.plot(fpr, tpr, label=f"test (AUC = {skm.roc_auc_score(labels, probs):.3f})")
+    roc.plot(fpr, tpr, label=f"test (AUC = {skm.roc_auc_score(labels, probs):.3f})", zorder=3,
+             clip_on=False)                         # drawn over the frame where it runs along it
     roc.plot([0, 1], [0, 1], "k:", label="chance")
-    pr.step(recall, precision, where="post",
+    pr.step(recall, precision, where="post", zorder=3, clip_on=False,
             label=f"test (AP = {skm.average_precision_score(labels, probs):.3f})")
     pr.axhline(labels.mean(), color="k", ls=":", label=f"chance ({pos} share)")
     for marker, (name, p) in zip("oD", points.items()):       # clip_on=False: whole at 0 or 1
@@ -764,9 +768,9 @@ def part4_evaluate(best, chosen, data, cfg, out):
 # False positives outnumber false negatives, 49-61 against 3-11 for the chosen model over seeds
 # 0-7; from validation to test its specificity at 0.5 falls (0.978-0.993 to 0.739-0.791) while
 # recall does not (0.954-0.972 to 0.972-0.992): the shift shows as normal films called pneumonia.
-# Confident false positives tend to be bright, low-contrast films with grayish lungs, as hazy as
-# the true positives (at 28x28 a hazy exposure looks like a diffuse opacity), or films unlike
-# any training film (a black frame). True negatives are high-contrast films with dark lungs.
+# Confident false positives include bright, low-contrast films with grayish lungs, as hazy as the
+# true positives (at 28x28 a hazy exposure looks like a diffuse opacity), but also clear lungs.
+# True negatives are high-contrast films with dark lungs, and the few false negatives often too.
 
 
 # ==================== Part 5: interpretability ===============================================
@@ -783,6 +787,7 @@ def plot_filters(models, path, cols=16):
             ax.set_axis_off()
         for ax, kernel, limit in zip(axes.flat, w, np.abs(w).max(axis=(1, 2))):
             ax.imshow(kernel, cmap="bwr", vmin=-limit, vmax=limit)
+        panel.set_facecolor("0.85")                  # gray, so a filter's white (zero) cells show
         panel.suptitle(f"{MODEL_NAMES[name]}: first conv layer, {len(w)} filters "
                        f"{w.shape[1]}x{w.shape[2]}", fontsize=10, x=0.02, ha="left")
     fig.suptitle("First-layer filters, each on its own symmetric scale ±max|weight|: red "
@@ -820,8 +825,9 @@ def plot_gradcam(trained, data, picks, device, path):
             ax.set_axis_off()
             ax.set_title(f"pred: {data.class_names[pred]}, {p_text(p)}", fontsize=8,
                          color="black" if pred == y else "tab:red")
-        row[0].text(-0.08, 0.5, MODEL_NAMES[name], transform=row[0].transAxes, rotation=90,
-                    ha="right", va="center", fontsize=9)
+        row[0].text(-0.08, 0.5, f"{MODEL_NAMES[name]}\n{'7x7' if name == 'simple_cnn' else '4x4'} "
+                    "map, upsampled", transform=row[0].transAxes, rotation=90, ha="right",
+                    va="center", fontsize=9)
     fig.colorbar(ScalarMappable(cmap="jet"), ax=axes[1:], shrink=0.8, pad=0.01,
                  label="evidence, scaled per image (0 least, 1 most)")
     fig.suptitle(f"Grad-CAM [3] of the predicted class on test images picked by their outcome for "
@@ -851,10 +857,9 @@ def part5_interpret(trained, best, data, device, out):
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png: maps of the class
 # each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Only partly. The
-# maps are coarse (7x7 CNN, 4x4 ResNet18): they say which region, never which opacity. Evidence
-# on the lung fields is relevant; on the mediastinum (heart shadow), a border or a corner it is a
-# shortcut (brightness, exposure, framing). Both appear, in correct predictions too: a sanity
-# check that exposes shortcuts, not proof of clinical validity.
+# maps are coarse (7x7 CNN, 4x4 ResNet18): they show which region, never which opacity. Evidence
+# on the lung fields is relevant; on the mediastinum, a border or a corner it is a shortcut
+# (brightness, exposure, framing). Both appear, in correct predictions too: a sanity check.
 
 
 # ==================== Reflection questions ===================================================
@@ -864,20 +869,17 @@ def part5_interpret(trained, best, data, device, out):
 #    "Reflection 1"). Over seeds 0-7 it lies at t = 0.03-0.17 (pos_weight ~0.35 lowers every
 #    P(pneumonia)) and on test misses 0-3 pneumonias instead of 3-11, at specificity 0.513-0.671
 #    (77-114 false alarms instead of 49-61), lower than on validation (0.881-0.956): a deploying
-#    site must re-choose it on its own data. A missed pneumonia means delayed antibiotics and
-#    possible deterioration, most dangerous in young children; a false alarm costs a second
-#    look, perhaps unneeded antibiotics or a repeat film, and trust if frequent. A miss costs far
-#    more, so we accept lower specificity: a triage aid ordering films for a human reader.
-# 2. Three limitations of MedMNIST (28x28) against clinical chest X-rays: (a) resolution: 28x28
-#    erases the fine findings radiologists use (small consolidations, air bronchograms, line
-#    tips); (b) data: one pediatric source (Guangzhou [4]), binary labels without subtype,
-#    location or severity, no patient metadata or prior films; (c) evaluation: a small test
-#    split (624), splits not guaranteed patient-disjoint, no adults, other hospitals or scanners.
-# 3. Next steps with full-resolution X-rays and a GPU cluster: 224-512 px, from ImageNet- or,
-#    better, chest-X-ray-pretrained backbones (CheXpert, MIMIC-CXR), stronger but plausible
-#    augmentation; patient-level splits, cross-validation, external test sites; a hyperparameter
-#    search on validation only; calibrated probabilities; ensembles; heatmaps checked by
-#    radiologists or against lung segmentations.
+#    site must re-choose it on its own data. A miss means delayed antibiotics and possible
+#    deterioration, worst in young children; a false alarm costs a second look, perhaps a repeat
+#    film, and trust. We accept lower specificity: a triage aid that orders films for a reader.
+# 2. Three limitations of MedMNIST (28x28) against clinical chest X-rays: (a) resolution erases
+#    the fine findings radiologists use (small consolidations, air bronchograms, line tips);
+#    (b) data: one pediatric source (Guangzhou [4]), binary labels without subtype, location or
+#    severity; (c) evaluation: 624 test images, no adults, other hospitals or scanners.
+# 3. Next steps with full-resolution X-rays and a GPU cluster: 224-512 px from chest-X-ray-
+#    pretrained backbones (CheXpert, MIMIC-CXR) or ImageNet, stronger plausible augmentation;
+#    patient-level splits, cross-validation, external test sites; hyperparameter search on
+#    validation only; calibrated probabilities; ensembles; heatmaps checked against radiologists.
 
 
 # ==================== The whole run: its numbers into summary.md, Parts 1-5 in order ==========
@@ -901,14 +903,14 @@ def finetune_lines(scratch, pre):
         return ["Without ImageNet weights there is no fine-tuned model to compare: the answer to "
                 "3.2 needs a run with internet (or --pretrained-weights)."]
     k = min(scratch["best_epoch"], pre["best_epoch"])         # an epoch both models reached
-    at_k = [r["history"][k - 1]["val_loss"] for r in (pre, scratch)]
+    at_k = [min(e["val_loss"] for e in r["history"][:k]) for r in (pre, scratch)]   # best so far
     seconds = [sum(e["seconds"] for e in r["history"][:r["best_epoch"]]) for r in (pre, scratch)]
     d = pre["test_auc_gain_over_scratch"]
     return [f"- How fast: the lowest val loss came at epoch {pre['best_epoch']} fine-tuned, after "
             f"{seconds[0]:.0f} s of training, and at epoch {scratch['best_epoch']} from scratch, "
-            f"after {seconds[1]:.0f} s. At epoch {k}, the earlier of the two, the val loss was "
-            f"{at_k[0]:.3f} fine-tuned against {at_k[1]:.3f} from scratch.",
-            f"- How good: at the restored epochs val loss {pre['val_loss']:.3f} against "
+            f"after {seconds[1]:.0f} s. Up to epoch {k}, the earlier of the two, the lowest val "
+            f"loss was {at_k[0]:.3f} fine-tuned against {at_k[1]:.3f} from scratch.",
+            f"- How good, at the restored epochs: val loss {pre['val_loss']:.3f} against "
             f"{scratch['val_loss']:.3f}, val AUC {pre['val']['auc']:.4f} against "
             f"{scratch['val']['auc']:.4f}.",
             f"- On test (read once, after training): AUC {pre['test']['auc']:.3f} against "

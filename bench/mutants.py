@@ -98,9 +98,10 @@ MUTANTS = [
      "        for k, p in probs.items():\n"
      "            idx = rng.choice(len(labels), len(labels))\n",
      "each model on its own resample, unstratified (unpaired)"),
-    ("part3_compare", "best = max(scored, key=lambda k: (round(results[k][\"val\"][\"auc\"], 3),",
-     "best = max(scored, key=lambda k: (round(results[k][\"test\"][\"auc\"], 3),",
-     "model chosen on test"),
+    ("part3_compare", "top = max(results[k][\"val\"][\"auc\"] for k in scored)",
+     "top = max(results[k][\"test\"][\"auc\"] for k in scored)", "model chosen on test AUC"),
+    ("part3_compare", "key=lambda k: results[k][\"val_loss\"])",
+     "key=lambda k: -results[k][\"test\"][\"auc\"])", "tie broken on test"),
     ("binary_metrics", "auc=skm.roc_auc_score(labels, probs),", "auc=skm.roc_auc_score(labels, "
      "pred),", "AUC from thresholded calls"),
     ("binary_metrics", "ap=skm.average_precision_score(labels, probs),",
