@@ -75,8 +75,7 @@ MUTANTS = [
      "        self.bad_epochs, self.best_loss = 0, float(\"inf\")\n\n\nStage",
      "stage 2 forgets stage 1's best"),
     ("EarlyStopping.step", "if val_loss < self.best_loss:", "if val_loss <= self.best_loss:",
-     "a tie counts as better (survives: two epochs with bit-identical val losses do not occur "
-     "in training; only restoring the later of two equal ones would differ)"),
+     "an equal val loss counts as better"),
     ("EarlyStopping.step", "return self.bad_epochs >= self.patience",
      "return self.bad_epochs > self.patience", "one epoch too much patience"),
     ("fit", "stopper.bad_epochs % epochs(cfg.drop_after, data) == 0",
