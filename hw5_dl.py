@@ -442,8 +442,8 @@ def train_model(name, build, stages, data, cfg, device):
 
 def part2_simple_cnn(data, cfg, out, device):
     """Part 2: train the Simple CNN with early stopping and plot its training curves."""
-    # channels_last (N, H, W, C): CPU convolutions ~20% faster; on Apple MPS it gave silently
-    # wrong weight updates (PyTorch issue 118115), so GPUs keep the default layout.
+    # channels_last (N, H, W, C): CPU convolutions ~20% faster (measured); on GPUs untested here,
+    # and on Apple MPS it gave silently wrong updates (PyTorch issue 118115): so the CPU only.
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     cnn = train_model("simple_cnn", lambda: SimpleCNN().to(memory_format=layout),
                       [Stage("train", cfg.cnn_updates, cfg.cnn_lr)], data, cfg, device)
@@ -453,12 +453,12 @@ def part2_simple_cnn(data, cfg, out, device):
 
 
 # 2.3 Discussion: is the model overfitting, and how can you tell? (This run: summary.md 2.3.)
-# It would show as a val loss turning up while the training loss keeps falling. Over seeds 0-7
-# the CNN's val loss jumps from epoch to epoch at the first rate, then levels off after the last
-# rate drop, where training stops (last val loss 2-13% above its low). At the restored epoch the
-# val loss is at most 0.002 above the training loss (taken on augmented images, dropout on),
-# below it in 6 of 8 seeds, accuracies within 0.02: no overfitting. The large gap is between
-# validation (accuracy 0.962-0.983) and test (0.859-0.905), from another source split.
+# It would show as a val loss trending up while the training loss keeps falling. Over seeds 0-7
+# the CNN's val loss jumps at the first rate, then after the last rate drop both losses go flat
+# and the val loss wanders 2-13% above its low without a trend, where training stops. No gap
+# opens: at the restored epoch the val loss is within 0.002 of the training loss (below it in 6
+# of 8 seeds; augmentation and dropout inflate the training loss a little) and the accuracies
+# within 0.02. The large gap is validation 0.962-0.983 to test 0.859-0.905: another source split.
 
 
 # ==================== Part 3: transfer learning with ResNet18 ================================
@@ -616,8 +616,8 @@ def part3_compare(trained, data, cfg, out):
 # ResNet18 from scratch end close on validation (val AUC 0.9965-0.9980; the CNN chosen 5 times,
 # ResNet18 3). On test ResNet18 usually ranks better: AUC 0.966-0.975 against 0.962-0.969 (the
 # paired 95% interval in its favour in 5 of 8 seeds, containing 0 in 3), accuracy at 0.5
-# 0.888-0.912 against 0.859-0.905, though it ends at its 20-epoch cap with val loss still
-# creeping down: a cap for time, so its edge is if anything understated. Saturated validation
+# 0.888-0.912 against 0.859-0.905; it ends at its 20-epoch cap (a time limit), in 3 seeds still
+# improving there, so its edge may be slightly understated. Saturated validation
 # cannot see a gap that shows only after the shift; 46x the parameters buy at most ~0.01 test AUC
 # for 2-4x the CNN's training time (run alone), as 28x28 holds little fine structure. The
 # pretrained ResNet18, when it trains, enters the same choice; expect it level with training from
@@ -854,14 +854,14 @@ def part5_interpret(trained, best, data, device, out):
 # scale: compare shapes, not strengths.) Some of the CNN's 3x3 filters are oriented edge
 # detectors (a positive row or column beside a negative one), others blobs or irregular mixes.
 # ResNet18's 7x7 filters from scratch look like noise: with a stride-2 stem and BatchNorm after
-# them they act as a learned down-sampling. With ImageNet weights a third panel shows the
-# pretrained ones (RGB summed, 3.1): smooth oriented edges and blobs.
+# them they act as a learned down-sampling. With ImageNet weights a third panel shows the summed
+# pretrained ones (3.1): expect oriented edges and blobs; colour-opponent filters largely cancel.
 #
 # 5.2 Is the model looking at clinically relevant regions? (part5_gradcam.png: maps of the class
 # each model predicts, on the chosen model's most confident TP, TN, FP and FN.) Only partly. The
 # maps are coarse (7x7 CNN, 4x4 ResNet18): they show which region, never which opacity. Evidence
 # on the lung fields is relevant; on the mediastinum, a border or a corner it is a shortcut
-# (brightness, exposure, framing). Both appear, in correct predictions too: a sanity check.
+# (brightness, exposure, framing). Both appear, in correct predictions too: the models use both.
 
 
 # ==================== Reflection questions ===================================================
