@@ -522,14 +522,14 @@ def bootstrap(labels, probs, n_resamples, seed):
     """3.3: AUC, accuracy, recall and specificity (at 0.5) of every model ({name: test probs}) on
     the same seeded test resamples, each stratified: it keeps the split's class counts, so the
     spread is the model's, not the prevalence's (precision and F1 follow from the other four)."""
-    rng = np.random.default_rng(seed)
+    rng, hits = np.random.default_rng(seed), {k: (p >= 0.5) == labels for k, p in probs.items()}
     draws = {k: {m: [] for m in ("auc", "accuracy", "recall", "specificity")} for k in probs}
     for _ in range(n_resamples):
         negatives = rng.choice(np.flatnonzero(labels == 0), (labels == 0).sum())
         positives = rng.choice(np.flatnonzero(labels == 1), (labels == 1).sum())
         idx = np.concatenate([negatives, positives])        # one resample for all models: paired
         for k, p in probs.items():
-            hit = (p >= 0.5) == labels
+            hit = hits[k]
             draws[k]["auc"].append(skm.roc_auc_score(labels[idx], p[idx]))
             draws[k]["accuracy"].append(hit[idx].mean())
             draws[k]["recall"].append(hit[positives].mean())         # resampled positives found
@@ -703,11 +703,11 @@ def plot_roc_pr(labels, probs, points, class_names, path, title):
             xlabel=f"false positive rate: {neg} called {pos} (1 − specificity)")
     pr.set(title="Precision-recall curve", xlabel=f"recall: {pos} found",
            ylabel=f"precision: {pos} calls right (PPV)")
-    for ax, corner in ((roc, "lower right"), (pr, "center left")):
-        ax.set(xlim=(0, 1), ylim=(0, 1))                       # rates stay within [0, 1]
+    pr_bottom = max(0, min(precision.min(), labels.mean()) - 0.1)      # all drawn, room below
+    for ax, corner, bottom in ((roc, "lower right", 0), (pr, "center left", pr_bottom)):
+        ax.set(xlim=(0, 1), ylim=(bottom, 1))                  # rates stay within [0, 1]
         ax.legend(fontsize=8, loc=corner)
         ax.grid(alpha=0.3)
-    pr.set_ylim(max(0, min(precision.min(), labels.mean()) - 0.1), 1)   # all drawn, room below
     fig.suptitle(f"{title}\noperating points: threshold t fixed on validation by its rule")
     save_figure(fig, path)
 
